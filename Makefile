@@ -1,0 +1,54 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv/ first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU build of torch unless an NVIDIA GPU is present (a plain `torch` requirement pulls CUDA wheels).
+TORCH_VERSION ?= 2.13.0
+DEMO_OUT ?= out/demo
+
+.PHONY: setup demo test test-all clean results-baselines
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing the default (CUDA) torch build"; \
+		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" || $(PY) -m pip install --quiet torch; \
+	else \
+		echo "no NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+	fi
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+QE := $(VENV)/bin/quest-export
+
+# The main job on the shipped demo model. For now: an FP sample grid and its quality metrics.
+demo: setup
+	$(QE) generate --model digits --num-images 40 --steps 20 --seed 0 --out $(DEMO_OUT)/grid.png
+	$(QE) eval --model digits --num-samples 500 --steps 20 --seed 0 --json $(DEMO_OUT)/eval.json
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf out build *.egg-info
+
+# The README's results table for the baselines on digits (about 40 minutes on 2 cores).
+RESULTS ?= out/results
+BASELINES ?= ptq ptq-timestep modelopt
+BITS ?= w8a8 w4a8 w4a4
+results-baselines: setup
+	$(QE) calibrate --model digits --out $(RESULTS)/calib --force
+	$(QE) eval --model digits --num-samples 500 --steps 20 --seed 0 --json $(RESULTS)/fp.json
+	for bits in $(BITS); do for m in $(BASELINES); do \
+		$(QE) finetune --model digits --bits $$bits --method $$m --calibration $(RESULTS)/calib --out $(RESULTS)/$$m-$$bits --force && \
+		$(QE) eval --checkpoint $(RESULTS)/$$m-$$bits --num-samples 500 --steps 20 --seed 0 --json $(RESULTS)/$$m-$$bits.json || exit 1; \
+	done; done
+	$(QE) report $(RESULTS)/fp.json $(foreach b,$(BITS),$(foreach m,$(BASELINES),$(RESULTS)/$(m)-$(b).json))

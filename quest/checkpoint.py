@@ -1,0 +1,110 @@
+"""Quantized checkpoint: ``quant.safetensors`` (UNet weights, quantizer parameters, timestep lookup)
+plus ``quant.json`` (model identity, bits, recipe, target, timestep grid, layer map, versions).
+
+Loading rebuilds the quantized UNet from the FP model and the recipe, then restores every tensor,
+reproducing the saved model's outputs exactly. The JSON records the tensor file's sha256, which is
+checked before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quest.errors import QuantConfigError
+from quest.quantize import QuantizedUNet, quantize_unet
+from quest.recipe import Recipe
+
+FORMAT = "quest-checkpoint/1"
+TENSORS = "quant.safetensors"
+META = "quant.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+
+    from quest_export import __version__
+
+    return {"quest_export": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def save_checkpoint(directory: Path, qunet: QuantizedUNet, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the checkpoint files into ``directory`` (the caller makes the directory atomic)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in qunet.unet.state_dict().items()}
+    save_file(state, str(directory / TENSORS), metadata={"format": FORMAT})
+    lookup = qunet.context.lookup.tolist()
+    document = {
+        "format": FORMAT,
+        **meta,
+        "bits": qunet.recipe.bits,
+        "target": qunet.profile.name,
+        "recipe": qunet.recipe.to_dict(),
+        "timestep_grid": {
+            "num_train_timesteps": len(lookup),
+            "num_groups": qunet.context.num_groups,
+            "group_starts": [t for t in range(len(lookup)) if t == 0 or lookup[t] != lookup[t - 1]],
+        },
+        "layers": qunet.layer_map(),
+        "versions": _versions(),
+        "tensors_sha256": _sha256(directory / TENSORS),
+    }
+    (directory / META).write_text(json.dumps(document, indent=2) + "\n")
+    return document
+
+
+def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
+    """Parse and sanity-check ``quant.json``; verify the tensor file's hash."""
+    directory = Path(directory)
+    meta_path, tensor_path = directory / META, directory / TENSORS
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise QuantConfigError(f"{directory} is not a quantized checkpoint (needs {META} and {TENSORS})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise QuantConfigError(f"{meta_path} is not valid JSON; the checkpoint is damaged, re-create it") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise QuantConfigError(f"{meta_path} is not a {FORMAT} file")
+    for key in ("model", "recipe", "target", "tensors_sha256"):
+        if key not in meta:
+            raise QuantConfigError(f"{meta_path} lacks {key!r}; the checkpoint is damaged, re-create it")
+    if _sha256(tensor_path) != meta["tensors_sha256"]:
+        raise QuantConfigError(f"{tensor_path} does not match the hash in {META}; the checkpoint is damaged or was edited")
+    return meta
+
+
+def load_checkpoint(directory: Path, unet: torch.nn.Module, meta: dict[str, Any] | None = None) -> QuantizedUNet:
+    """Quantize the FP ``unet`` in place as the checkpoint says and restore its tensors."""
+    meta = meta or read_checkpoint_meta(directory)
+    from quest.profiles import get_profile
+
+    recipe = Recipe.from_dict(meta["recipe"])
+    qunet = quantize_unet(unet, recipe, get_profile(meta["target"]))
+    try:
+        state = load_file(str(Path(directory) / TENSORS))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
+        raise QuantConfigError(f"cannot read {Path(directory) / TENSORS}: {exc}") from None
+    try:
+        missing, unexpected = qunet.unet.load_state_dict(state, strict=False)
+    except RuntimeError:  # shape mismatches
+        missing, unexpected = ["<shape mismatch>"], []
+    if missing or unexpected:
+        raise QuantConfigError(
+            f"checkpoint {directory} does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected tensors); "
+            "was it made from another model?"
+        )
+    return qunet

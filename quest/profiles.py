@@ -1,0 +1,114 @@
+"""Target profiles: what each engine really computes, and therefore what the simulation does.
+
+A profile turns a requested bit-width into an exact integer grid (type, range, symmetry), says
+which tensors carry quantizers, and refuses settings its engine cannot run. The exporter reads
+the same profile, so the graph computes the same integer codes as the finetuned simulation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quest.errors import QuantConfigError
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """An integer grid: codes in [qmin, qmax], zero point fixed at 0 when symmetric."""
+
+    bits: int
+    signed: bool
+    symmetric: bool
+    narrow: bool = False
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def container_bits(self) -> int:
+        """Storage width in the engine: sub-8-bit grids live in 8-bit containers (INT4 weights of
+        MatMul on TensorRT are the one exception, decided by the exporter)."""
+        return 8
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """The arithmetic of one engine target."""
+
+    name: str
+    activation_signed: bool
+    activation_symmetric: bool
+    conv_output_quantizers: bool
+    per_timestep_zero_points: bool = False
+    min_bits: int = 2
+    max_bits: int = 8
+    description: str = ""
+
+    def weight_spec(self, bits: int) -> QuantSpec:
+        """Per-output-channel weights: symmetric, signed, narrow range (zero point 0), both targets."""
+        self.check_bits(bits, "weight")
+        return QuantSpec(bits, signed=True, symmetric=True, narrow=True)
+
+    def activation_spec(self, bits: int) -> QuantSpec:
+        """Per-tensor activations on the target's integer type (full range, as QuantizeLinear saturates)."""
+        self.check_bits(bits, "activation")
+        return QuantSpec(bits, signed=self.activation_signed, symmetric=self.activation_symmetric)
+
+    def check_bits(self, bits: int, what: str) -> None:
+        if not self.min_bits <= bits <= self.max_bits:
+            raise QuantConfigError(
+                f"target {self.name} cannot run {bits}-bit {what}s; use {self.min_bits}-{self.max_bits} bits"
+            )
+
+    def check_activation_layout(self, symmetric: bool | None, per_channel: bool) -> None:
+        """Refuse activation layouts the engine cannot run as integer kernels."""
+        if per_channel:
+            raise QuantConfigError(
+                f"target {self.name} quantizes activations per tensor only; set activation_per_channel: false"
+            )
+        if symmetric is not None and symmetric != self.activation_symmetric:
+            wanted = "symmetric (zero point 0)" if self.activation_symmetric else "asymmetric uint8 (only uint8 fuses on x86)"
+            raise QuantConfigError(
+                f"target {self.name} needs {wanted} activations; remove activation_symmetric from the recipe or change --target"
+            )
+
+
+TENSORRT = TargetProfile(
+    name="tensorrt",
+    activation_signed=True,
+    activation_symmetric=True,
+    conv_output_quantizers=False,
+    description=(
+        "TensorRT explicit quantization: symmetric INT8 Q/DQ (zero point 0), per-channel weights, "
+        "per-tensor activations, inputs of Conv/MatMul quantized and outputs not; sub-8-bit grids in "
+        "INT8 containers (activations clipped to the grid)."
+    ),
+)
+
+ONNXRUNTIME = TargetProfile(
+    name="onnxruntime",
+    activation_signed=False,
+    activation_symmetric=False,
+    conv_output_quantizers=True,
+    description=(
+        "ONNX Runtime CPU: uint8 asymmetric activations (one zero point per tensor, shared by all "
+        "timestep groups), int8 symmetric per-channel weights, output quantizers on Conv so "
+        "DQ->Conv->Q fuses into QLinearConv; sub-8-bit grids in 8-bit containers."
+    ),
+)
+
+PROFILES: dict[str, TargetProfile] = {p.name: p for p in (TENSORRT, ONNXRUNTIME)}
+
+
+def get_profile(name: str) -> TargetProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise QuantConfigError(f"unknown target {name!r}; choose one of: {', '.join(PROFILES)}") from None

@@ -1,0 +1,168 @@
+"""Uniform affine fake quantizers with straight-through rounding and learnable steps (LSQ).
+
+The arithmetic is exactly ONNX QuantizeLinear / DequantizeLinear:
+``q = clamp(round_half_even(x / s) + z, qmin, qmax)``, ``x_hat = (q - z) * s``.
+Activation quantizers hold one (scale) set per timestep group; the zero point is shared by all
+groups, which is what a single Q/DQ node with per-timestep rescaling can express.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from quest.profiles import QuantSpec
+from quest.timesteps import TimestepContext
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity gradient."""
+    return (torch.round(x) - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Forward identity, gradient multiplied by ``factor`` (LSQ's step-size gradient scale)."""
+    return (x - x * factor).detach() + x * factor
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize-dequantize with STE rounding; ``scale``/``zero_point`` broadcast against ``x``."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes (as float) of ``x``: what QuantizeLinear would output."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric per-output-channel weight quantizer (axis 0); scales frozen after PTQ by default."""
+
+    def __init__(self, spec: QuantSpec, num_channels: int) -> None:
+        super().__init__()
+        if not spec.symmetric:
+            raise ValueError("weight quantizers are symmetric on every target")
+        self.spec = spec
+        self.scale = nn.Parameter(torch.ones(num_channels), requires_grad=False)
+        self.enabled = True
+
+    def _shaped_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.scale.view(-1, *([1] * (weight.dim() - 1)))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        scale = self._shaped_scale(weight)
+        if self.scale.requires_grad:
+            scale = grad_scale(scale, 1.0 / math.sqrt(weight[0].numel() * self.spec.qmax))
+        return fake_quant(weight, scale, torch.zeros_like(scale), self.spec.qmin, self.spec.qmax)
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        scale = self._shaped_scale(weight)
+        return quantize_codes(weight, scale, torch.zeros_like(scale), self.spec.qmin, self.spec.qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, per_channel={self.scale.numel()}, enabled={self.enabled}"
+
+
+ObserveMode = Literal["off", "observe"]
+
+
+class ActivationQuantizer(nn.Module):
+    """Per-tensor activation quantizer with a per-timestep-group scale table.
+
+    ``scale`` has one entry per timestep group (a single entry when the table is not used); the
+    group of each sample is read from the shared :class:`TimestepContext`. In ``observe`` mode it
+    passes values through and hands them to an attached observer (used by PTQ initialisation).
+    """
+
+    def __init__(self, spec: QuantSpec, num_groups: int = 1, context: TimestepContext | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.scale = nn.Parameter(torch.ones(num_groups))
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.enabled = True
+        self.observer = None  # set by calibration; receives (x, groups)
+        object.__setattr__(self, "_context", context)  # shared, not a submodule
+
+    @property
+    def num_groups(self) -> int:
+        return self.scale.numel()
+
+    def bind(self, context: TimestepContext | None) -> None:
+        object.__setattr__(self, "_context", context)
+
+    def current_groups(self, batch: int, device: torch.device) -> torch.Tensor:
+        context = self._context
+        if self.num_groups == 1 or context is None or context.groups is None:
+            if self.num_groups > 1:
+                raise RuntimeError("per-timestep activation quantizer called without a timestep")
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        groups = context.groups.to(device)
+        if groups.numel() != batch:
+            # attention reshapes (batch * heads, ...): repeat each sample's group per head
+            if batch % groups.numel():
+                raise RuntimeError(f"cannot map {groups.numel()} timestep groups onto a batch of {batch}")
+            groups = groups.repeat_interleave(batch // groups.numel())
+        return groups
+
+    def sample_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Scale per sample, shaped to broadcast over ``x`` (batch on dim 0)."""
+        groups = self.current_groups(x.shape[0], x.device)
+        return self.scale[groups].view(-1, *([1] * (x.dim() - 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x.detach(), self.current_groups(x.shape[0], x.device))
+            return x
+        if not self.enabled:
+            return x
+        scale = self.sample_scale(x)
+        if self.scale.requires_grad and self.training:
+            scale = grad_scale(scale, 1.0 / math.sqrt(x[0].numel() * self.spec.qmax))
+        return fake_quant(x, scale, self.zero_point, self.spec.qmin, self.spec.qmax)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_codes(x, self.sample_scale(x), self.zero_point, self.spec.qmin, self.spec.qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, signed={self.spec.signed}, groups={self.num_groups}, enabled={self.enabled}"
+
+
+class TiedOutputQuantizer(nn.Module):
+    """Output quantizer of a Conv whose scale is tied to its input quantizer's table.
+
+    In the exported graph the conv runs in the input's rescaled domain (``x * s0 / s_t``), so an
+    output Q with constant scale ``so`` acts as scale ``so * s_t / s0`` on the true output: one
+    learnable ratio ``r = so / s0`` times the input's per-timestep scale. Its zero point is fixed.
+    """
+
+    def __init__(self, spec: QuantSpec, input_quantizer: ActivationQuantizer) -> None:
+        super().__init__()
+        self.spec = spec
+        self.log_ratio = nn.Parameter(torch.zeros(()))
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.enabled = True
+        self.observer = None
+        object.__setattr__(self, "_input", input_quantizer)
+
+    def sample_scale(self, y: torch.Tensor) -> torch.Tensor:
+        return self._input.sample_scale(y) * self.log_ratio.exp()
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(y.detach(), self._input.current_groups(y.shape[0], y.device))
+            return y
+        if not self.enabled or not self._input.enabled:
+            return y
+        return fake_quant(y, self.sample_scale(y), self.zero_point, self.spec.qmin, self.spec.qmax)
+
+    def codes(self, y: torch.Tensor) -> torch.Tensor:
+        return quantize_codes(y, self.sample_scale(y), self.zero_point, self.spec.qmin, self.spec.qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, tied to input table, enabled={self.enabled}"

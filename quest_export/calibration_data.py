@@ -1,0 +1,75 @@
+"""Record, save and load calibration sets for a loaded model (drives ``quest.calibration``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from quest.calibration import CalibrationSet, record_calibration
+from quest.recipe import CalibrationSettings
+from quest_export.errors import UserError
+from quest_export.models.resolve import LoadedModel
+from quest_export.sampling import balanced_labels, sample_digits, sample_prompts
+
+CALIB_TENSORS = "calibration.safetensors"
+CALIB_META = "calibration.json"
+
+
+def default_guidance(model: LoadedModel, guidance: float | None) -> float:
+    return guidance if guidance is not None else (2.0 if model.is_digits else 7.5)
+
+
+def record_for_model(model: LoadedModel, settings: CalibrationSettings) -> CalibrationSet:
+    """Sample ``settings.trajectories`` FP trajectories with the deployment scheduler and record
+    the UNet inputs at every step (the step grid is evenly spaced by the scheduler)."""
+    guidance = default_guidance(model, settings.guidance)
+    meta: dict[str, Any] = {
+        "model": model.spec.name,
+        "model_hash": model.content_hash,
+        "trajectories": settings.trajectories,
+        "steps": settings.steps,
+        "guidance": guidance,
+        "seed": settings.seed,
+        "scheduler": type(model.pipeline.scheduler).__name__,
+    }
+    if model.is_digits:
+        labels = balanced_labels(settings.trajectories)
+
+        def run() -> None:
+            sample_digits(model, labels, settings.steps, guidance, settings.seed)
+
+    else:
+        prompts = [settings.prompts[i % len(settings.prompts)] for i in range(settings.trajectories)]
+        meta["prompts"] = settings.prompts
+
+        def run() -> None:
+            sample_prompts(model, prompts, settings.steps, guidance, settings.seed)
+
+    return record_calibration(model.pipeline.unet, run, None, meta)
+
+
+def save_calibration(directory: Path, calib: CalibrationSet) -> None:
+    """Write both calibration files into ``directory`` (the caller makes it atomic)."""
+    calib.save(Path(directory) / CALIB_TENSORS)
+    (Path(directory) / CALIB_META).write_text(json.dumps({**calib.meta, "rows": len(calib), "timesteps": calib.timesteps}, indent=2) + "\n")
+
+
+def load_calibration(directory: Path, model: LoadedModel) -> CalibrationSet:
+    """Load a calibration set and check that it was recorded from ``model``."""
+    directory = Path(directory)
+    tensors, meta_path = directory / CALIB_TENSORS, directory / CALIB_META
+    if not tensors.is_file() or not meta_path.is_file():
+        raise UserError(f"{directory} holds no calibration set ({CALIB_TENSORS} + {CALIB_META}); record one with `quest-export calibrate`")
+    try:
+        meta = json.loads(meta_path.read_text())
+        calib = CalibrationSet.load(tensors, meta)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{meta_path} is not valid JSON; re-record the calibration set") from None
+    except ValueError as exc:
+        raise UserError(f"calibration set {tensors}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - damaged safetensors raise library-specific errors
+        raise UserError(f"cannot read {tensors} ({type(exc).__name__}); the file is damaged, re-record it") from None
+    if meta.get("model_hash") != model.content_hash or (model.content_hash is None and meta.get("model") != model.spec.name):
+        raise UserError(f"calibration set {directory} was recorded from model {meta.get('model')!r}, not {model.spec.name!r}; record one for this model")
+    return calib

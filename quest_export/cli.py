@@ -1,0 +1,377 @@
+"""The `quest-export` command line (Typer).
+
+Commands stay thin: they validate input before any long work, call one library entry point, and
+report. Errors derived from :class:`~quest_export.errors.QuestError` print as one line; a traceback
+appears only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quest.errors import QuantConfigError
+from quest_export import __version__
+from quest_export.errors import QuestError, UserError
+
+app = typer.Typer(
+    name="quest-export",
+    help=(
+        "Deployment compiler for low-bit diffusion models: QuEST finetuning -> Q/DQ ONNX -> "
+        "TensorRT / ONNX Runtime engines -> diffusers runtime. Every command works offline on the "
+        "shipped `digits` demo model."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console(stderr=True)
+_state = {"debug": False}
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="digits (shipped demo), sd14 / sd15 / sdxl, a local diffusers directory, or a Hugging Face id.",
+    ),
+]
+StepsOpt = Annotated[int, typer.Option("--steps", min=1, max=1000, help="Sampler steps (DDIM for digits, the model's scheduler otherwise).")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Seed for the initial noise; sample i always gets the same noise.")]
+GuidanceOpt = Annotated[
+    Optional[float],
+    typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale [default: 2.0 for digits, 7.5 otherwise]."),
+]
+
+
+def _default_guidance(guidance: float | None, is_digits: bool) -> float:
+    return guidance if guidance is not None else (2.0 if is_digits else 7.5)
+
+
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("QUEST_THREADS", os.cpu_count() or 1))))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"quest-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write the sample grid to.")] = Path("grid.png"),
+    model: ModelOpt = "digits",
+    label: Annotated[
+        Optional[int], typer.Option("--label", min=0, max=9, help="Digits only: draw every image of this digit (default: 0-9 in turn).")
+    ] = None,
+    prompt: Annotated[
+        Optional[list[str]], typer.Option("--prompt", "-p", help="Text-conditioned models: a prompt (repeat for several).")
+    ] = None,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, max=1024, help="Images in the grid.")] = 20,
+    steps: StepsOpt = 20,
+    guidance: GuidanceOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Sample a model with fixed seeds and write a PNG grid."""
+    from quest_export.artifacts import check_writable_file
+
+    out = check_writable_file(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out} must end in .png")
+    from quest_export.models.resolve import load_model, resolve_model_spec
+
+    spec = resolve_model_spec(model)
+    if spec.family == "digits" and prompt:
+        raise UserError("the digits model is label-conditioned; use --label N (0-9) instead of --prompt")
+    if spec.family != "digits" and label is not None:
+        raise UserError(f"--label applies only to the digits model; use --prompt TEXT with {model}")
+    _threads()
+    loaded = load_model(model)
+    g = _default_guidance(guidance, loaded.is_digits)
+    from quest_export.evaluation.grid import save_grid
+    from quest_export.sampling import balanced_labels, sample_digits, sample_prompts
+
+    if loaded.is_digits:
+        import torch
+
+        labels = torch.full((num_images,), label) if label is not None else balanced_labels(num_images)
+        images = sample_digits(loaded, labels, steps, g, seed, progress=True)
+        save_grid(images, out, ncols=10 if label is None else None, upscale=4)
+    else:
+        prompts = list(prompt or ["a photograph of an astronaut riding a horse"])
+        prompts = [prompts[i % len(prompts)] for i in range(max(num_images, len(prompts)))]
+        images = sample_prompts(loaded, prompts, steps, g, seed, progress=True)
+        save_grid(images, out)
+    console.print(f"wrote {out} ({len(images)} images, {steps} steps, guidance {g}, seed {seed})")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", "-m", help="digits (shipped demo), sd14 / sd15 / sdxl, a local diffusers directory, or a Hugging Face id [default: digits]."),
+    ] = None,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option("--checkpoint", "-c", help="Quantized checkpoint directory: evaluate it and add psnr_vs_fp against its FP model."),
+    ] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=100_000, help="Samples to draw (labels 0-9 in turn).")] = 500,
+    steps: StepsOpt = 20,
+    guidance: GuidanceOpt = None,
+    seed: SeedOpt = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics JSON here.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per pipeline call.")] = 250,
+) -> None:
+    """Measure sample quality: FID on the digit classifier's features, label accuracy, the
+    real-data floor `fid_real_floor` (held-out real digits vs the reference set) and, for a
+    quantized checkpoint, `psnr_vs_fp` (each sample against its FP twin from the same noise)."""
+    from quest_export.artifacts import check_writable_file, write_json_atomic
+
+    if json_out is not None:
+        json_out = check_writable_file(json_out)
+    if checkpoint is not None and model is not None:
+        raise UserError("pass either --model or --checkpoint (a checkpoint names its own model)")
+    from quest_export.evaluation.evaluate import evaluate
+    from quest_export.models.resolve import load_model
+
+    _threads()
+    fp_twin = None
+    if checkpoint is not None:
+        from quest_export.quantization import load_quantized
+
+        loaded, _, meta = load_quantized(checkpoint)
+        fp_twin = load_model(loaded.spec.name if loaded.is_digits else loaded.spec.source)
+    else:
+        loaded = load_model(model or "digits")
+    result = evaluate(
+        loaded, num_samples, steps, seed, _default_guidance(guidance, loaded.is_digits), batch_size, progress=True, fp_twin=fp_twin
+    )
+    if checkpoint is not None:
+        result.update({"checkpoint": str(checkpoint), "method": meta.get("method"), "bits": meta["bits"], "target": meta["target"]})
+    if json_out is not None:
+        write_json_atomic(json_out, result)
+    _print_metrics(result)
+    if json_out is not None:
+        console.print(f"wrote {json_out}")
+
+
+def _print_metrics(result: dict) -> None:
+    table = Table(title=f"eval: {result['model']} ({result['num_samples']} samples, {result['steps']} steps, seed {result['seed']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("fid", "fid_real_floor", "label_accuracy", "psnr_vs_fp", "classifier_held_out_accuracy", "sampling_seconds"):
+        if key in result:
+            value = result[key]
+            table.add_row(key, "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if result.get("notes"):
+        console.print(f"note: {result['notes']}")
+
+
+BitsOpt = Annotated[str, typer.Option("--bits", "-b", help="Weight and activation bits as wXaY (2-8 each), e.g. w4a8.")]
+
+
+def _prepare_out_dir(out: Path, force: bool) -> None:
+    """Refuse an existing output directory without --force, and an unwritable parent, up front."""
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {parent}: {exc.strerror}; choose another --out") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{parent} is not writable; choose another --out")
+
+
+@app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for calibration.safetensors + calibration.json.")],
+    model: ModelOpt = "digits",
+    trajectories: Annotated[Optional[int], typer.Option("--trajectories", min=1, help="FP sampling trajectories (samples per step) [default: from the recipe].")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, max=1000, help="Deployment sampler steps; every step is recorded [default: from the recipe].")] = None,
+    guidance: GuidanceOpt = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed of the calibration trajectories [default: from the recipe].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Record a calibration set: (x_t, t, cond, uncond) along the FP model's own sampling
+    trajectories with the deployment scheduler. `finetune --calibration DIR` reuses it."""
+    from quest.recipe import CalibrationSettings
+
+    _prepare_out_dir(out, force)
+    defaults = CalibrationSettings()
+    settings = CalibrationSettings(
+        trajectories=trajectories or defaults.trajectories,
+        steps=steps or defaults.steps,
+        guidance=guidance,
+        seed=defaults.seed if seed is None else seed,
+    )
+    from quest_export.artifacts import atomic_directory
+    from quest_export.calibration_data import record_for_model, save_calibration
+    from quest_export.models.resolve import load_model
+
+    _threads()
+    loaded = load_model(model)
+    calib = record_for_model(loaded, settings)
+    with atomic_directory(out, force=force) as tmp:
+        save_calibration(tmp, calib)
+    console.print(f"wrote {out} ({len(calib)} rows at {len(calib.timesteps)} timesteps)")
+
+
+@app.command()
+def finetune(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write (quant.safetensors + quant.json).")],
+    model: ModelOpt = "digits",
+    bits: BitsOpt = "w8a8",
+    method: Annotated[
+        str,
+        typer.Option("--method", help="ptq (one activation scale set), ptq-timestep (per-timestep-group tables), modelopt (NVIDIA ModelOpt INT8 PTQ)."),
+    ] = "ptq-timestep",
+    recipe_path: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe YAML [default: recipes/<model>-<bits>.yaml if it exists].")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", help="Engine target whose arithmetic is simulated: tensorrt or onnxruntime [default: from the recipe].")] = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Reuse a calibration set from `quest-export calibrate` (or a checkpoint dir).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Quantize a model with one method and write a quantized checkpoint.
+
+    The QuEST method (selective finetuning) arrives with its own issue; today's methods are the
+    baselines it is measured against."""
+    from dataclasses import replace
+
+    from quest.profiles import get_profile
+    from quest.recipe import load_recipe
+    from quest_export.quantization import METHODS
+
+    if method not in METHODS:
+        raise UserError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+    recipe = load_recipe(_recipe_key(model), bits, recipe_path)
+    if target is not None:
+        recipe = replace(recipe, target=target)
+    profile = get_profile(recipe.target)
+    if method == "modelopt" and profile.name != "tensorrt":
+        raise UserError("--method modelopt is ModelOpt's symmetric INT8 PTQ (TensorRT arithmetic); use --target tensorrt")
+    _prepare_out_dir(out, force)
+    from quest.quantize import check_recipe
+    from quest_export.artifacts import atomic_directory
+    from quest_export.calibration_data import load_calibration, record_for_model, save_calibration
+    from quest_export.models.resolve import load_model
+    from quest_export.quantization import checkpoint_meta, quantize_with_method
+
+    _threads()
+    loaded = load_model(model)
+    check_recipe(loaded.pipeline.unet, recipe, profile)
+    started = time.perf_counter()
+    calib = load_calibration(calibration, loaded) if calibration else record_for_model(loaded, recipe.calibration)
+    calib_seconds = time.perf_counter() - started
+    qunet, timings = quantize_with_method(loaded, recipe, method, calib)
+    meta = checkpoint_meta(loaded, method, calib, {"timings": {"calibration_seconds": round(calib_seconds, 2), **timings}})
+    from quest.checkpoint import save_checkpoint
+
+    with atomic_directory(out, force=force) as tmp:
+        save_checkpoint(tmp, qunet, meta)
+        if calibration is None:
+            save_calibration(tmp, calib)
+    console.print(f"wrote {out} ({method}, {recipe.bits}, target {profile.name}, {len(qunet.layers)} quantized layers)")
+
+
+def _recipe_key(model: str) -> str:
+    """Recipe file prefix for a --model value: the alias itself, or the folder name of a path."""
+    return Path(model.rstrip("/")).name if ("/" in model or os.sep in model) else model
+
+
+@app.command()
+def report(
+    eval_json: Annotated[list[Path], typer.Argument(help="Eval JSON files written by `quest-export eval --json`.")],
+) -> None:
+    """Print a markdown results table from eval JSON files (FID, label accuracy, PSNR vs FP)."""
+    from quest_export.evaluation.report import results_table
+
+    typer.echo(results_table(eval_json))
+
+
+@app.command("train-demo")
+def train_demo_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for digits/, digit_classifier/ and train_report.json.")] = Path("out/train-demo"),
+    seed: SeedOpt = 0,
+    unet_steps: Annotated[int, typer.Option("--unet-steps", min=1, help="UNet optimisation steps.")] = 3000,
+    classifier_epochs: Annotated[int, typer.Option("--classifier-epochs", min=1, help="Classifier epochs.")] = 40,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing digits/ and digit_classifier/ in --out.")] = False,
+) -> None:
+    """Reproduce the shipped digits UNet and digit classifier from scratch (seeded; ~30 min on 2 cores).
+
+    To replace the shipped files: --out quest_export/assets --force."""
+    from quest_export.models.digits.training import DemoTrainConfig, train_demo
+
+    for sub in ("digits", "digit_classifier"):
+        if (out / sub).exists() and not force:
+            raise UserError(f"{out / sub} already exists; pass --force to replace it or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {out}: {exc.strerror}; choose another --out") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"{out} is not writable; choose another --out")
+    config = DemoTrainConfig(seed=seed, unet_steps=unet_steps, classifier_epochs=classifier_epochs, threads=os.cpu_count() or 2)
+    report = train_demo(out, config, force=force)
+    console.print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    console.print(f"wrote {out / 'digits'} and {out / 'digit_classifier'}")
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (loading bars, deprecation notes) out of the CLI's output."""
+    if "--debug" in sys.argv:
+        return
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning QuestErrors into one line and an exit code."""
+    _quiet_libraries()
+    try:
+        app()
+    except (QuestError, QuantConfigError) as exc:
+        if _state["debug"]:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if _state["debug"]:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

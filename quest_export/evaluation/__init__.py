@@ -1,0 +1,1 @@
+"""Quality metrics: FID on the digit classifier's features, label accuracy, PSNR."""

@@ -1,0 +1,95 @@
+"""`quest-export finetune`'s baselines and loading of quantized checkpoints.
+
+Methods (all on the same model and calibration set):
+- ``ptq``: one activation scale set for all timesteps, no finetuning;
+- ``ptq-timestep``: per-timestep-group activation tables;
+- ``modelopt``: NVIDIA ModelOpt's INT8 PTQ (TensorRT arithmetic), converted to a quest checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quest.calibration import CalibrationSet
+from quest.checkpoint import load_checkpoint, read_checkpoint_meta
+from quest.errors import QuantConfigError
+from quest.ptq import calibrate
+from quest.quantize import QuantizedUNet, quantize_unet
+from quest.recipe import Recipe
+from quest_export.errors import UserError
+from quest_export.models.resolve import LoadedModel, load_model
+
+METHODS = ("ptq", "ptq-timestep", "modelopt")
+
+
+def forward_loop_for(calib: CalibrationSet, batch_size: int = 64):
+    """ModelOpt-style forward loop over the calibration set."""
+
+    def loop(unet: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for x, t, states in calib.batches(batch_size):
+                unet(x, t, encoder_hidden_states=states)
+
+    return loop
+
+
+def recipe_for_method(recipe: Recipe, method: str) -> Recipe:
+    if method == "ptq":
+        return replace(recipe, timestep_groups=1)
+    if method in ("ptq-timestep", "modelopt"):
+        return recipe
+    raise UserError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+
+
+def quantize_with_method(model: LoadedModel, recipe: Recipe, method: str, calib: CalibrationSet) -> tuple[QuantizedUNet, dict[str, Any]]:
+    """Quantize ``model.pipeline.unet`` in place with ``method``; returns the handle and timings."""
+    recipe = recipe_for_method(recipe, method)
+    unet = model.pipeline.unet
+    loop = forward_loop_for(calib)
+    started = time.perf_counter()
+    if method == "modelopt":
+        if recipe.target != "tensorrt":
+            raise UserError("--method modelopt is ModelOpt's symmetric INT8 PTQ (TensorRT arithmetic); use --target tensorrt")
+        from quest_export.baselines.modelopt_ptq import convert_to_quest, run_modelopt
+
+        qunet = convert_to_quest(unet, run_modelopt(unet, recipe, loop), recipe)
+    else:
+        qunet = quantize_unet(unet, recipe)
+        calibrate(qunet, loop)
+    return qunet, {"ptq_seconds": round(time.perf_counter() - started, 2)}
+
+
+def checkpoint_meta(model: LoadedModel, method: str, calib: CalibrationSet, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": {"name": model.spec.name, "source": model.spec.source, "content_hash": model.content_hash},
+        "method": method,
+        "calibration": {k: calib.meta.get(k) for k in ("trajectories", "steps", "guidance", "seed", "scheduler")}
+        | {"rows": len(calib), "timesteps": calib.timesteps},
+        **extra,
+    }
+
+
+def load_quantized(directory: Path) -> tuple[LoadedModel, QuantizedUNet, dict[str, Any]]:
+    """Load the FP model a checkpoint was made from and quantize it as saved (checks identity)."""
+    try:
+        meta = read_checkpoint_meta(directory)
+    except QuantConfigError as exc:
+        raise UserError(str(exc)) from None
+    model_info = meta["model"]
+    model = load_model("digits" if model_info["name"] == "digits" else model_info["source"])
+    if model_info.get("content_hash") and model.content_hash != model_info["content_hash"]:
+        raise UserError(
+            f"checkpoint {directory} was made from a different {model_info['name']!r} model (content hash mismatch); "
+            "re-create it from this model"
+        )
+    try:
+        qunet = load_checkpoint(directory, model.pipeline.unet, meta)
+    except QuantConfigError as exc:
+        raise UserError(str(exc)) from None
+    model.pipeline.unet.eval()
+    return model, qunet, meta

@@ -1,0 +1,58 @@
+"""Shared fixtures: the tiny SD-shaped pipeline and a CLI runner that goes through `main()`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_sd import build_tiny_sd  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD pipeline saved with save_pretrained (same classes as sd15)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path):
+    """Run the real console entry point in a subprocess (exit codes and stderr as a user sees them)."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> CliResult:
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), **(env or {})}
+        proc = subprocess.run(
+            [sys.executable, "-m", "quest_export.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            cwd=tmp_path,
+        )
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
+
+
+def assert_one_line_error(result: CliResult, code: int = 2, contains: str = "") -> None:
+    """A user error: non-zero exit, no traceback, one `error:` line naming the problem."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert contains in lines[0], lines[0]
