@@ -177,13 +177,17 @@ def quantize_unet(unet: nn.Module, recipe: Recipe, profile: TargetProfile | None
             )
             layers[name] = LayerInfo(name, "attention", None, a_bits, groups, softmax_bits=recipe.softmax_bits)
 
-    def set_timestep(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        context.set(timestep, sample.shape[0])
-
-    unet.register_forward_pre_hook(set_timestep, with_kwargs=True)
+    unet.to(next(unet.parameters()).device)  # new quantizers live where the weights live
+    unet.register_forward_pre_hook(_set_timestep, with_kwargs=True)
     return QuantizedUNet(unet, recipe, profile, context, layers)
+
+
+def _set_timestep(unet: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: select every quantizer's timestep group from the UNet's own input.
+    (Module-level, reading the context from the module, so deep copies of the UNet work.)"""
+    sample = args[0] if args else kwargs["sample"]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    getattr(unet, CONTEXT_NAME).set(timestep, sample.shape[0])
 
 
 def set_quantizers_enabled(qunet: QuantizedUNet, enabled: bool, pattern: str = "*") -> int:

@@ -30,7 +30,9 @@ def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Quantize-dequantize with STE rounding; ``scale``/``zero_point`` broadcast against ``x``."""
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    scaled = x / scale
+    rounded = round_ste(scaled) if scaled.requires_grad else torch.round(scaled)
+    q = torch.clamp(rounded + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 
 
@@ -122,7 +124,7 @@ class ActivationQuantizer(nn.Module):
         if not self.enabled:
             return x
         scale = self.sample_scale(x)
-        if self.scale.requires_grad and self.training:
+        if self.scale.requires_grad and torch.is_grad_enabled():
             scale = grad_scale(scale, 1.0 / math.sqrt(x[0].numel() * self.spec.qmax))
         return fake_quant(x, scale, self.zero_point, self.spec.qmin, self.spec.qmax)
 

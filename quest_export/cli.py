@@ -7,6 +7,7 @@ appears only with ``--debug``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -247,53 +248,166 @@ def finetune(
     bits: BitsOpt = "w8a8",
     method: Annotated[
         str,
-        typer.Option("--method", help="ptq (one activation scale set), ptq-timestep (per-timestep-group tables), modelopt (NVIDIA ModelOpt INT8 PTQ)."),
-    ] = "ptq-timestep",
+        typer.Option(
+            "--method",
+            help="quest (QuEST selective finetuning), ptq (one activation scale set), ptq-timestep (per-timestep-group tables), modelopt (NVIDIA ModelOpt INT8 PTQ).",
+        ),
+    ] = "quest",
     recipe_path: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe YAML [default: recipes/<model>-<bits>.yaml if it exists].")] = None,
     target: Annotated[Optional[str], typer.Option("--target", help="Engine target whose arithmetic is simulated: tensorrt or onnxruntime [default: from the recipe].")] = None,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Reuse a calibration set from `quest-export calibrate` (or a checkpoint dir).")] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="quest only: comma-separated stages to run, e.g. temporal or critical [default: both].")] = None,
+    timestep_groups: Annotated[Optional[int], typer.Option("--timestep-groups", min=1, max=1000, help="Activation scale sets (1 = one set for all timesteps) [default: from the recipe].")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="quest only: continue from the last finetuning checkpoint of this --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
-    """Quantize a model with one method and write a quantized checkpoint.
+    """Quantize a model and write a quantized checkpoint (quant.safetensors + quant.json).
 
-    The QuEST method (selective finetuning) arrives with its own issue; today's methods are the
-    baselines it is measured against."""
+    `quest` initialises per-timestep tables by PTQ, then runs QuEST's two finetuning stages on the
+    target profile's simulation; it checkpoints every N steps (and on Ctrl-C) next to --out, and
+    `--resume` continues from there. Under `torchrun` it runs data-parallel (rank 0 writes)."""
     from dataclasses import replace
 
-    from quest.profiles import get_profile
-    from quest.recipe import load_recipe
     from quest_export.quantization import METHODS
 
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+    recipe, profile = _resolve_recipe(model, bits, recipe_path, target, timestep_groups)
+    if stages is not None:
+        if method != "quest":
+            raise UserError("--stages applies only to --method quest")
+        recipe = replace(recipe, finetune={**recipe.finetune, "only": [s.strip() for s in stages.split(",") if s.strip()]})
+    if resume and method != "quest":
+        raise UserError("--resume applies only to --method quest")
+    if method == "modelopt" and profile.name != "tensorrt":
+        raise UserError("--method modelopt is ModelOpt's symmetric INT8 PTQ (TensorRT arithmetic); use --target tensorrt")
+    from quest.distributed import init_from_env
+
+    dist = init_from_env()
+    if dist.is_main:
+        _prepare_out_dir(out, force or resume)
+    from quest_export.artifacts import atomic_directory
+    from quest_export.calibration_data import save_calibration
+    from quest_export.quantization import checkpoint_meta, quantize_with_method
+
+    loaded, calib, calib_seconds = _model_and_calibration(model, recipe, profile, calibration)
+    from quest.finetune import StopRequested
+    from quest_export.quantization import FinetuneRun
+
+    state_path = out.parent / f".{out.name}.finetune-state.safetensors"
+    with _finetune_progress(enabled=dist.is_main) as progress:
+        run = FinetuneRun(state_path=state_path, resume=resume, dist=dist, progress=progress)
+        try:
+            qunet, report = quantize_with_method(loaded, recipe, method, calib, run)
+        except StopRequested:
+            raise UserError(f"interrupted; the finetuning state is saved in {state_path}: rerun the same command with --resume") from None
+    if not dist.is_main:
+        return
+    log = report.pop("log", None)
+    meta = checkpoint_meta(loaded, method, calib, {"timings": {"calibration_seconds": round(calib_seconds, 2), **report}, "world_size": dist.world_size})
+    from quest.checkpoint import save_checkpoint
+    from quest_export.artifacts import write_json_atomic
+
+    with atomic_directory(out, force=force or resume) as tmp:
+        save_checkpoint(tmp, qunet, meta)
+        if log is not None:
+            write_json_atomic(tmp / "finetune_log.json", log)
+        if calibration is None:
+            save_calibration(tmp, calib)
+    state_path.unlink(missing_ok=True)
+    console.print(f"wrote {out} ({method}, {recipe.bits}, target {profile.name}, {len(qunet.layers)} quantized layers)")
+
+
+@contextlib.contextmanager
+def _finetune_progress(enabled: bool):
+    """A rich progress bar per finetuning stage (loss, ETA); plain lines when not on a terminal."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if not enabled:
+        yield None
+        return
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int, record: dict) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total, completed=done - 1, info="")
+        info = f"loss {record['loss']:.3e} (final {record['final_mse']:.3e}, local {record['local_mse']:.3e})"
+        bars.update(tasks[stage], completed=done, info=info)
+        if not console.is_terminal and (done % 50 == 0 or done == total):
+            console.print(f"{stage} {done}/{total} {info}")
+
+    with bars:
+        yield update
+
+
+def _resolve_recipe(model: str, bits: str, recipe_path: Path | None, target: str | None, timestep_groups: int | None):
+    """Recipe (with command-line overrides) and its target profile; all checks that need no model."""
+    from dataclasses import replace
+
+    from quest.profiles import get_profile
+    from quest.recipe import load_recipe
+
     recipe = load_recipe(_recipe_key(model), bits, recipe_path)
     if target is not None:
         recipe = replace(recipe, target=target)
-    profile = get_profile(recipe.target)
-    if method == "modelopt" and profile.name != "tensorrt":
-        raise UserError("--method modelopt is ModelOpt's symmetric INT8 PTQ (TensorRT arithmetic); use --target tensorrt")
-    _prepare_out_dir(out, force)
+    if timestep_groups is not None:
+        recipe = replace(recipe, timestep_groups=timestep_groups)
+    return recipe, get_profile(recipe.target)
+
+
+def _model_and_calibration(model: str, recipe, profile, calibration: Path | None):
+    """Load the FP model, check the recipe against it, then load or record the calibration set."""
     from quest.quantize import check_recipe
-    from quest_export.artifacts import atomic_directory
-    from quest_export.calibration_data import load_calibration, record_for_model, save_calibration
+    from quest_export.calibration_data import load_calibration, record_for_model
     from quest_export.models.resolve import load_model
-    from quest_export.quantization import checkpoint_meta, quantize_with_method
 
     _threads()
     loaded = load_model(model)
     check_recipe(loaded.pipeline.unet, recipe, profile)
     started = time.perf_counter()
     calib = load_calibration(calibration, loaded) if calibration else record_for_model(loaded, recipe.calibration)
-    calib_seconds = time.perf_counter() - started
-    qunet, timings = quantize_with_method(loaded, recipe, method, calib)
-    meta = checkpoint_meta(loaded, method, calib, {"timings": {"calibration_seconds": round(calib_seconds, 2), **timings}})
-    from quest.checkpoint import save_checkpoint
+    return loaded, calib, time.perf_counter() - started
 
+
+@app.command()
+def sensitivity(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for sensitivity.json and sensitivity.png.")],
+    model: ModelOpt = "digits",
+    bits: BitsOpt = "w4a8",
+    recipe_path: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe YAML [default: recipes/<model>-<bits>.yaml if it exists].")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", help="tensorrt or onnxruntime [default: from the recipe].")] = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Reuse a calibration set from `quest-export calibrate`.")] = None,
+    max_rows: Annotated[Optional[int], typer.Option("--max-rows", min=1, help="Use at most this many calibration rows (spread over all timesteps).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Rank layer groups by the damage they do when quantized alone (final-output MSE vs FP over
+    the calibration timesteps); temporal layers (time-embedding MLP, time_emb_proj) are flagged.
+    Writes a JSON ranking and a bar chart."""
+    from quest.ptq import calibrate as ptq_calibrate
+    from quest.quantize import quantize_unet
+    from quest.sensitivity import measure_sensitivity, sensitivity_report
+    from quest_export.artifacts import atomic_directory, write_json_atomic
+    from quest_export.evaluation.sensitivity_plot import plot_sensitivity
+    from quest_export.quantization import forward_loop_for
+
+    recipe, profile = _resolve_recipe(model, bits, recipe_path, target, None)
+    _prepare_out_dir(out, force)
+    loaded, calib, _ = _model_and_calibration(model, recipe, profile, calibration)
+    qunet = quantize_unet(loaded.pipeline.unet, recipe, profile)
+    ptq_calibrate(qunet, forward_loop_for(calib))
+    results = measure_sensitivity(qunet, calib, max_rows=max_rows)
+    report_doc = sensitivity_report(results, {"model": loaded.spec.name, "bits": recipe.bits, "target": profile.name, "recipe": recipe.name, "calibration_rows": len(calib)})
     with atomic_directory(out, force=force) as tmp:
-        save_checkpoint(tmp, qunet, meta)
-        if calibration is None:
-            save_calibration(tmp, calib)
-    console.print(f"wrote {out} ({method}, {recipe.bits}, target {profile.name}, {len(qunet.layers)} quantized layers)")
+        write_json_atomic(tmp / "sensitivity.json", report_doc)
+        plot_sensitivity(results, tmp / "sensitivity.png", f"{loaded.spec.name} {recipe.bits} ({profile.name}): output MSE with one group quantized")
+    table = Table(title="layer-group sensitivity (worst first)")
+    for column in ("group", "layers", "mse", "temporal"):
+        table.add_column(column)
+    for row in results:
+        table.add_row(row["group"], str(row["layers"]), f"{row['mse']:.3e}", "yes" if row["temporal"] else "")
+    Console().print(table)
+    console.print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")
 
 
 def _recipe_key(model: str) -> str:

@@ -3,13 +3,17 @@
 Methods (all on the same model and calibration set):
 - ``ptq``: one activation scale set for all timesteps, no finetuning;
 - ``ptq-timestep``: per-timestep-group activation tables;
-- ``modelopt``: NVIDIA ModelOpt's INT8 PTQ (TensorRT arithmetic), converted to a quest checkpoint.
+- ``modelopt``: NVIDIA ModelOpt's INT8 PTQ (TensorRT arithmetic), converted to a quest checkpoint;
+- ``quest``: ``ptq-timestep`` initialisation, then QuEST's two selective finetuning stages.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +21,16 @@ import torch
 
 from quest.calibration import CalibrationSet
 from quest.checkpoint import load_checkpoint, read_checkpoint_meta
+from quest.distributed import DistContext
 from quest.errors import QuantConfigError
+from quest.finetune import QuestFinetuner, fp_copy, settings_from_recipe
 from quest.ptq import calibrate
 from quest.quantize import QuantizedUNet, quantize_unet
 from quest.recipe import Recipe
 from quest_export.errors import UserError
 from quest_export.models.resolve import LoadedModel, load_model
 
-METHODS = ("ptq", "ptq-timestep", "modelopt")
+METHODS = ("ptq", "ptq-timestep", "modelopt", "quest")
 
 
 def forward_loop_for(calib: CalibrationSet, batch_size: int = 64):
@@ -41,17 +47,54 @@ def forward_loop_for(calib: CalibrationSet, batch_size: int = 64):
 def recipe_for_method(recipe: Recipe, method: str) -> Recipe:
     if method == "ptq":
         return replace(recipe, timestep_groups=1)
-    if method in ("ptq-timestep", "modelopt"):
+    if method in ("ptq-timestep", "modelopt", "quest"):
         return recipe
     raise UserError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
 
 
-def quantize_with_method(model: LoadedModel, recipe: Recipe, method: str, calib: CalibrationSet) -> tuple[QuantizedUNet, dict[str, Any]]:
-    """Quantize ``model.pipeline.unet`` in place with ``method``; returns the handle and timings."""
+def calibration_fingerprint(calib: CalibrationSet) -> str:
+    digest = hashlib.sha256()
+    for tensor in (calib.x, calib.t, calib.cond):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class FinetuneRun:
+    """How a ``quest`` run is driven: resume state, data parallelism, progress reporting."""
+
+    state_path: Path | None = None
+    resume: bool = False
+    dist: DistContext | None = None
+    progress: Callable[[str, int, int, dict[str, float]], None] | None = None
+
+
+def quantize_with_method(
+    model: LoadedModel, recipe: Recipe, method: str, calib: CalibrationSet, run: FinetuneRun | None = None
+) -> tuple[QuantizedUNet, dict[str, Any]]:
+    """Quantize ``model.pipeline.unet`` in place with ``method``; returns the handle and a report
+    (timings, and for ``quest`` the stage loss log)."""
     recipe = recipe_for_method(recipe, method)
     unet = model.pipeline.unet
     loop = forward_loop_for(calib)
     started = time.perf_counter()
+    if method == "quest":
+        run = run or FinetuneRun()
+        settings = settings_from_recipe(recipe.finetune, class_conditional=model.is_digits)
+        fp_unet = fp_copy(unet)
+        qunet = quantize_unet(unet, recipe)
+        calibrate(qunet, loop)
+        ptq_seconds = time.perf_counter() - started
+        fingerprint = f"{calibration_fingerprint(calib)}:{hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:16]}"
+        finetuner = QuestFinetuner(qunet, fp_unet, calib, settings, run.state_path, run.dist, fingerprint)
+        log = finetuner.run(resume=run.resume, progress=run.progress)
+        report = {
+            "ptq_seconds": round(ptq_seconds, 2),
+            "finetune_seconds": round(time.perf_counter() - started - ptq_seconds, 2),
+            "stages": [s.name for s in settings.stages],
+            "log": log,
+        }
+        return qunet, report
     if method == "modelopt":
         if recipe.target != "tensorrt":
             raise UserError("--method modelopt is ModelOpt's symmetric INT8 PTQ (TensorRT arithmetic); use --target tensorrt")

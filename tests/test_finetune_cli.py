@@ -116,3 +116,90 @@ def test_eval_of_damaged_checkpoint(run_cli, tmp_path: Path) -> None:
     (tmp_path / "ckpt" / "quant.safetensors").write_bytes(b"garbage")
     result = run_cli("eval", "--checkpoint", tmp_path / "ckpt", "--num-samples", "2")
     assert_one_line_error(result, 2, "quant.json")
+
+
+def _small_recipe(path: Path, base: str, steps: int = 6, **calibration) -> Path:
+    """A shipped recipe with short finetuning stages (and optionally a small calibration)."""
+    import yaml
+
+    from quest.recipe import recipes_dir
+
+    data = yaml.safe_load((recipes_dir() / base).read_text())
+    data["finetune"]["checkpoint_every"] = 2
+    data["finetune"]["stages"] = [{"name": "temporal", "steps": steps, "batch_size": 4}, {"name": "critical", "steps": steps, "batch_size": 4}]
+    data["timestep_groups"] = 2
+    data["calibration"].update(calibration)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_quest_finetune_writes_checkpoint_and_stage_log(run_cli, tmp_path: Path, digits_calibration: Path) -> None:
+    recipe = _small_recipe(tmp_path / "r.yaml", "digits-w4a8.yaml")
+    ckpt = tmp_path / "quest"
+    result = run_cli("finetune", "--bits", "w4a8", "--method", "quest", "--recipe", recipe, "--calibration", digits_calibration, "--out", ckpt)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((ckpt / "quant.json").read_text())
+    assert meta["method"] == "quest" and meta["timings"]["stages"] == ["temporal", "critical"]
+    log = json.loads((ckpt / "finetune_log.json").read_text())
+    assert [r["step"] for r in log if r.get("stage") == "temporal" and "step" in r] == list(range(6))
+    assert not list(tmp_path.glob(".quest.finetune-state*"))  # state removed after success
+    result = run_cli("eval", "--checkpoint", ckpt, "--num-samples", "10", "--steps", "4", "--json", tmp_path / "e.json")
+    assert result.returncode == 0, result.stderr
+
+
+def test_kill_9_mid_finetune_then_resume_gives_the_same_checkpoint(run_cli, tmp_path: Path, digits_calibration: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = _small_recipe(tmp_path / "r.yaml", "digits-w4a8.yaml", steps=8)
+    common = ["finetune", "--bits", "w4a8", "--method", "quest", "--recipe", str(recipe), "--calibration", str(digits_calibration)]
+    assert run_cli(*common, "--out", tmp_path / "straight").returncode == 0
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "quest_export.cli", *common, "--out", str(tmp_path / "resumed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / ".resumed.finetune-state.safetensors"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.exists(), "no finetuning checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "resumed").exists()  # nothing half-written
+    result = run_cli(*common, "--out", tmp_path / "resumed", "--resume")
+    assert result.returncode == 0, result.stderr
+    straight = json.loads((tmp_path / "straight" / "quant.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "quant.json").read_text())
+    assert resumed["tensors_sha256"] == straight["tensors_sha256"]
+
+
+def test_quest_finetune_with_the_sd15_recipe_on_the_tiny_sd_fixture(run_cli, tmp_path: Path, tiny_sd_dir: Path) -> None:
+    import yaml
+
+    from quest.recipe import recipes_dir
+
+    data = yaml.safe_load((recipes_dir() / "sd15-w4a8.yaml").read_text())
+    assert len(data["calibration"]["prompts"]) >= 8
+    data["calibration"].update({"trajectories": 2, "steps": 3})
+    data["finetune"]["stages"] = [{"name": "temporal", "steps": 2, "batch_size": 2}, {"name": "critical", "steps": 2, "batch_size": 2}]
+    recipe = tmp_path / "sd.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    ckpt = tmp_path / "ckpt"
+    result = run_cli("finetune", "--model", tiny_sd_dir, "--bits", "w4a8", "--method", "quest", "--recipe", recipe, "--out", ckpt)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((ckpt / "quant.json").read_text())
+    assert meta["method"] == "quest" and meta["recipe"]["name"] == "sd" and meta["calibration"]["rows"] == 6
+    assert (ckpt / "calibration.safetensors").is_file()
+
+
+def test_sensitivity_command(run_cli, tmp_path: Path, digits_calibration: Path) -> None:
+    out = tmp_path / "sens"
+    result = run_cli("sensitivity", "--bits", "w4a4", "--calibration", digits_calibration, "--max-rows", "20", "--out", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "sensitivity.json").read_text())
+    groups = [r["group"] for r in data["ranking"]]
+    assert "time_emb_proj" in groups and "feed_forward" in groups
+    assert [r["mse"] for r in data["ranking"]] == sorted((r["mse"] for r in data["ranking"]), reverse=True)
+    assert (out / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

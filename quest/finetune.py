@@ -1,0 +1,336 @@
+"""QuEST selective finetuning, in two stages, on the target profile's own simulation.
+
+Stage 1 (temporal alignment) trains the ResNet ``time_emb_proj`` layers and their activation
+scales; stage 2 (critical-module alignment) trains the attention-related layers (feed-forward,
+and for class-conditional models ``to_q`` and self-attention ``to_k``/``to_v``) plus the remaining
+activation scales. Loss = local output MSE of the trained layers vs FP + final noise MSE vs FP.
+Weight-quantizer scales stay frozen; no parameters are added.
+
+Runs survive: batches are a pure function of (seed, stage, step), the full training state
+(model tensors, Adam moments, position, loss log) is one safetensors file written atomically every
+``checkpoint_every`` steps and on SIGINT/SIGTERM, and resuming continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quest.calibration import CalibrationSet
+from quest.distributed import DistContext
+from quest.errors import QuantConfigError
+from quest.modules import QuantConv2d, QuantLinear
+from quest.quantize import QuantizedUNet
+from quest.quantizers import ActivationQuantizer, TiedOutputQuantizer
+
+STATE_FORMAT = "quest-finetune-state/1"
+
+
+@dataclass
+class StageSpec:
+    """One finetuning stage: which weights and which activation scales train, and how."""
+
+    name: str
+    weights: list[str]
+    scales: list[str]
+    exclude_scales: list[str] = field(default_factory=list)
+    steps: int = 200
+    batch_size: int = 32
+    weight_lr: float = 1e-5
+    scale_lr: float = 1e-4
+    local_loss_weight: float = 1.0
+
+
+@dataclass
+class FinetuneSettings:
+    stages: list[StageSpec]
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+TEMPORAL_LAYERS = ["*time_emb_proj"]
+ATTENTION_LAYERS = ["*ff.net.*"]
+CLASS_CONDITIONAL_ATTENTION = ["*attn1.to_q", "*attn2.to_q", "*attn1.to_k", "*attn1.to_v"]
+
+
+def default_stages(class_conditional: bool) -> list[StageSpec]:
+    """QuEST's defaults (weights lr 1e-5, scales lr 1e-4, Adam)."""
+    stage2_weights = ATTENTION_LAYERS + (CLASS_CONDITIONAL_ATTENTION if class_conditional else [])
+    return [
+        StageSpec("temporal", weights=list(TEMPORAL_LAYERS), scales=[p + ".*" for p in TEMPORAL_LAYERS]),
+        StageSpec("critical", weights=stage2_weights, scales=["*"], exclude_scales=[p + ".*" for p in TEMPORAL_LAYERS]),
+    ]
+
+
+def settings_from_recipe(finetune: dict[str, Any], class_conditional: bool) -> FinetuneSettings:
+    """Recipe ``finetune:`` block -> settings. Stage entries override the defaults by name;
+    ``only: [temporal]`` keeps a subset (ablations)."""
+    finetune = dict(finetune or {})
+    stages = {s.name: s for s in default_stages(class_conditional)}
+    for override in finetune.pop("stages", []) or []:
+        override = dict(override)
+        name = override.get("name")
+        base = stages.get(name)
+        try:
+            stages[name] = StageSpec(**{**(asdict(base) if base else {}), **override})
+        except TypeError as exc:
+            raise QuantConfigError(f"recipe finetune stage {name!r}: {exc}") from None
+    only = finetune.pop("only", None)
+    chosen = [stages[n] for n in (only or list(stages))] if all(n in stages for n in (only or [])) else None
+    if chosen is None:
+        raise QuantConfigError(f"recipe finetune.only names unknown stages {only}; known: {', '.join(stages)}")
+    try:
+        return FinetuneSettings(stages=chosen, **finetune)
+    except TypeError as exc:
+        raise QuantConfigError(f"recipe finetune block: {exc}") from None
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _quant_layers(unet: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
+    return {n: m for n, m in unet.named_modules() if isinstance(m, (QuantConv2d, QuantLinear)) and _matches(n, patterns)}
+
+
+def _scale_params(unet: nn.Module, stage: StageSpec) -> list[tuple[str, nn.Parameter]]:
+    params = []
+    for name, module in unet.named_modules():
+        if not _matches(name, stage.scales) or _matches(name, stage.exclude_scales):
+            continue
+        if isinstance(module, ActivationQuantizer) and module.enabled:
+            params.append((f"{name}.scale", module.scale))
+        elif isinstance(module, TiedOutputQuantizer) and module.enabled:
+            params.append((f"{name}.log_ratio", module.log_ratio))
+    return params
+
+
+@dataclass
+class StagePlan:
+    stage: StageSpec
+    layers: dict[str, nn.Module]
+    weights: list[tuple[str, nn.Parameter]]
+    scales: list[tuple[str, nn.Parameter]]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.weights] + [p for _, p in self.scales]
+
+
+def plan_stage(unet: nn.Module, stage: StageSpec) -> StagePlan:
+    layers = _quant_layers(unet, stage.weights)
+    if not layers and stage.weights:
+        raise QuantConfigError(f"finetune stage {stage.name!r}: weight patterns {stage.weights} match no quantized layer")
+    weights = []
+    for name, module in layers.items():
+        weights.append((f"{name}.weight", module.weight))
+        if module.bias is not None:
+            weights.append((f"{name}.bias", module.bias))
+    return StagePlan(stage, layers, weights, _scale_params(unet, stage))
+
+
+def batch_indices(seed: int, stage_index: int, step: int, rows: int, batch_size: int) -> torch.Tensor:
+    """The rows of one step: a pure function of its position, so a resumed run sees the same data."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + stage_index * 7919 + step)
+    return torch.randperm(rows, generator=generator)[: min(batch_size, rows)]
+
+
+@contextmanager
+def _capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, o, n=n: outputs.__setitem__(n, o)) for n, m in modules.items()]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM arrived; the state was saved at a step boundary."""
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict[str, bool]]:
+    flag = {"stop": False}
+
+    def handler(_signum: int, _frame: Any) -> None:
+        flag["stop"] = True
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig in previous:
+            signal.signal(sig, handler)
+    except ValueError:  # not the main thread: no signal handling
+        previous = {}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class QuestFinetuner:
+    """Runs the stages on a quantized UNet against its FP twin over a calibration set."""
+
+    def __init__(
+        self,
+        qunet: QuantizedUNet,
+        fp_unet: nn.Module,
+        calib: CalibrationSet,
+        settings: FinetuneSettings,
+        state_path: Path | None = None,
+        dist: DistContext | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        self.qunet = qunet
+        self.fp_unet = fp_unet.eval()
+        self.calib = calib
+        self.settings = settings
+        self.state_path = Path(state_path) if state_path else None
+        self.dist = dist or DistContext()
+        self.fingerprint = f"{settings.fingerprint()}:{fingerprint}"
+        self.log: list[dict[str, Any]] = []
+        for p in self.fp_unet.parameters():
+            p.requires_grad_(False)
+
+    # -- state -----------------------------------------------------------------------------
+    def _save_state(self, stage_index: int, next_step: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.state_path is None or not self.dist.is_main:
+            return
+        tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in self.qunet.unet.state_dict().items()}
+        for index, state in optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+        header = {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "stage": stage_index, "next_step": next_step, "log": self.log}
+        tmp = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(header)})
+        os.replace(tmp, self.state_path)
+
+    def _load_state(self) -> tuple[int, int, dict[str, dict[str, torch.Tensor]]] | None:
+        if self.state_path is None or not self.state_path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(self.state_path), framework="pt") as handle:
+                header = json.loads((handle.metadata() or {}).get("state", "{}"))
+            tensors = load_file(str(self.state_path))
+        except Exception as exc:  # noqa: BLE001 - damaged file
+            raise QuantConfigError(f"cannot read finetuning state {self.state_path} ({type(exc).__name__}); delete it to start over") from None
+        if header.get("format") != STATE_FORMAT or header.get("fingerprint") != self.fingerprint:
+            raise QuantConfigError(
+                f"finetuning state {self.state_path} belongs to a run with other settings or data; delete it or rerun those settings"
+            )
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.qunet.unet.load_state_dict(model_state, strict=True)
+        optim: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim.setdefault(index, {})[name] = value
+        self.log = header.get("log", [])
+        return int(header["stage"]), int(header["next_step"]), optim
+
+    # -- training ------------------------------------------------------------------------
+    def _optimizer(self, plan: StagePlan) -> torch.optim.Optimizer:
+        groups = []
+        if plan.weights:
+            groups.append({"params": [p for _, p in plan.weights], "lr": plan.stage.weight_lr})
+        if plan.scales:
+            groups.append({"params": [p for _, p in plan.scales], "lr": plan.stage.scale_lr})
+        return torch.optim.Adam(groups)
+
+    def _set_trainable(self, plan: StagePlan) -> None:
+        for p in self.qunet.unet.parameters():
+            p.requires_grad_(False)
+        for p in plan.params:
+            p.requires_grad_(True)
+
+    def _step_loss(self, plan: StagePlan, rows: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        x, t, states = self.calib.unet_inputs(rows)
+        fp_layers = {n: self.fp_unet.get_submodule(n) for n in plan.layers}
+        with torch.no_grad(), _capture_outputs(fp_layers) as fp_out:
+            target = self.fp_unet(x, t, encoder_hidden_states=states).sample
+        with _capture_outputs(plan.layers) as q_out:
+            pred = self.qunet.unet(x, t, encoder_hidden_states=states).sample
+        final = F.mse_loss(pred, target)
+        local = torch.stack([F.mse_loss(q_out[n], fp_out[n]) for n in plan.layers]).mean() if plan.layers else pred.new_zeros(())
+        return final + plan.stage.local_loss_weight * local, final.detach().item(), local.detach().item()
+
+    def run(self, resume: bool = False, progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> list[dict[str, Any]]:
+        """Run every stage; returns the loss log. Raises StopRequested after saving on a signal."""
+        start_stage, start_step, optim_state = 0, 0, {}
+        if resume:
+            loaded = self._load_state()
+            if loaded is not None:
+                start_stage, start_step, optim_state = loaded
+        elif self.state_path is not None and self.state_path.exists() and self.dist.is_main:
+            self.state_path.unlink()
+        self.qunet.unet.eval()
+        rows = len(self.calib)
+        with _stop_on_signals() as flag:
+            for stage_index, stage in enumerate(self.settings.stages):
+                if stage_index < start_stage:
+                    continue
+                plan = plan_stage(self.qunet.unet, stage)
+                self._set_trainable(plan)
+                optimizer = self._optimizer(plan)
+                first = start_step if stage_index == start_stage else 0
+                if stage_index == start_stage and optim_state:
+                    saved = {int(i): {k: (v if k != "step" else v.clone()) for k, v in s.items()} for i, s in optim_state.items()}
+                    optimizer.load_state_dict({"state": saved, "param_groups": optimizer.state_dict()["param_groups"]})
+                started = time.perf_counter()
+                for step in range(first, stage.steps):
+                    indices = self.dist.shard(batch_indices(self.settings.seed, stage_index, step, rows, stage.batch_size))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, final, local = self._step_loss(plan, indices)
+                    loss.backward()
+                    self.dist.average_gradients(plan.params)
+                    optimizer.step()
+                    with torch.no_grad():
+                        for name, p in plan.scales:
+                            if name.endswith(".scale"):
+                                p.clamp_(min=1e-8)
+                    record = {"stage": stage.name, "step": step, "loss": self.dist.average(loss.detach().item()), "final_mse": self.dist.average(final), "local_mse": self.dist.average(local)}
+                    self.log.append(record)
+                    if progress is not None:
+                        progress(stage.name, step + 1, stage.steps, record)
+                    done = step + 1
+                    if flag["stop"] or (done % self.settings.checkpoint_every == 0 and done < stage.steps):
+                        self._save_state(stage_index, done, optimizer)
+                        if flag["stop"]:
+                            raise StopRequested(str(self.state_path))
+                self.log.append({"stage": stage.name, "done": True, "seconds": round(time.perf_counter() - started, 2), "trainable_weights": len(plan.weights), "trainable_scales": len(plan.scales)})
+                self._save_state(stage_index + 1, 0, torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
+                start_step, optim_state = 0, {}
+        for p in self.qunet.unet.parameters():
+            p.requires_grad_(False)
+        return self.log
+
+    def discard_state(self) -> None:
+        if self.state_path is not None and self.dist.is_main:
+            self.state_path.unlink(missing_ok=True)
+
+
+def fp_copy(unet: nn.Module) -> nn.Module:
+    """An FP twin of a not-yet-quantized UNet (targets for the distillation losses)."""
+    return copy.deepcopy(unet).eval()
