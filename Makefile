@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: setup demo test test-all clean results-baselines
+.PHONY: setup demo test test-all clean results
 
 setup: $(STAMP)
 
@@ -40,15 +40,7 @@ test-all: setup
 clean:
 	rm -rf out build *.egg-info
 
-# The README's results table for the baselines on digits (about 40 minutes on 2 cores).
-RESULTS ?= out/results
-BASELINES ?= ptq ptq-timestep modelopt
-BITS ?= w8a8 w4a8 w4a4
-results-baselines: setup
-	$(QE) calibrate --model digits --out $(RESULTS)/calib --force
-	$(QE) eval --model digits --num-samples 500 --steps 20 --seed 0 --json $(RESULTS)/fp.json
-	for bits in $(BITS); do for m in $(BASELINES); do \
-		$(QE) finetune --model digits --bits $$bits --method $$m --calibration $(RESULTS)/calib --out $(RESULTS)/$$m-$$bits --force && \
-		$(QE) eval --checkpoint $(RESULTS)/$$m-$$bits --num-samples 500 --steps 20 --seed 0 --json $(RESULTS)/$$m-$$bits.json || exit 1; \
-	done; done
-	$(QE) report $(RESULTS)/fp.json $(foreach b,$(BITS),$(foreach m,$(BASELINES),$(RESULTS)/$(m)-$(b).json))
+# The README's results table on digits: baselines, QuEST and its ablations (scripts/digits_results.sh;
+# runs whose eval JSON exists are skipped).
+results: setup
+	bash scripts/digits_results.sh all

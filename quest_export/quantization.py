@@ -107,7 +107,15 @@ def quantize_with_method(
     return qunet, {"ptq_seconds": round(time.perf_counter() - started, 2)}
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def checkpoint_meta(model: LoadedModel, method: str, calib: CalibrationSet, extra: dict[str, Any]) -> dict[str, Any]:
+    extra = {**extra, "peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads()}
     return {
         "model": {"name": model.spec.name, "source": model.spec.source, "content_hash": model.content_hash},
         "method": method,

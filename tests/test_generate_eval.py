@@ -51,3 +51,17 @@ def test_eval_on_tiny_sd_says_metrics_are_unavailable(run_cli, tmp_path: Path, t
     data = json.loads(out.read_text())
     assert data["fid"] is None and data["label_accuracy"] is None and "not available" in data["notes"]
     assert "not available" in result.stderr
+
+
+def test_report_builds_a_markdown_table(run_cli, tmp_path: Path) -> None:
+    (tmp_path / "fp.json").write_text(json.dumps({"model": "digits", "fid": 17.25, "label_accuracy": 0.99, "fid_real_floor": 6.2}))
+    (tmp_path / "q.json").write_text(json.dumps({"method": "quest", "bits": "w4a8", "target": "tensorrt", "fid": 18.5, "label_accuracy": 0.98, "psnr_vs_fp": 30.1}))
+    result = run_cli("report", tmp_path / "fp.json", tmp_path / "q.json")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("| method | bits | target | FID")
+    assert "| fp | fp32 | - | 17.250 | 0.990 | - |" in lines
+    assert "| quest | w4a8 | tensorrt | 18.500 | 0.980 | 30.100 |" in lines
+    assert "fid_real_floor (held-out real digits vs reference): 6.200" in result.stdout
+    bad = run_cli("report", tmp_path / "missing.json")
+    assert bad.returncode == 2 and "cannot read eval JSON" in bad.stderr

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The README's results table on digits. Usage: scripts/digits_results.sh baselines|quest|report
+# Runs whose eval JSON exists are skipped, so an interrupted run continues where it stopped.
+set -euo pipefail
+QE=${QE:-.venv/bin/quest-export}
+RESULTS=${RESULTS:-out/results}
+EVAL=(--num-samples 500 --steps 20 --seed 0)
+
+prepare() {
+  [ -f "$RESULTS/calib/calibration.json" ] || $QE calibrate --model digits --out "$RESULTS/calib" --force
+  [ -f "$RESULTS/fp.json" ] || $QE eval --model digits "${EVAL[@]}" --json "$RESULTS/fp.json"
+}
+
+# run NAME BITS METHOD [extra finetune flags...]
+run() {
+  local name=$1 bits=$2 method=$3; shift 3
+  [ -f "$RESULTS/$name.json" ] && return 0
+  $QE finetune --model digits --bits "$bits" --method "$method" "$@" --calibration "$RESULTS/calib" --out "$RESULTS/$name" --force
+  $QE eval --checkpoint "$RESULTS/$name" "${EVAL[@]}" --json "$RESULTS/$name.json"
+}
+
+baselines() {
+  for bits in w8a8 w4a8 w4a4; do for m in ptq ptq-timestep modelopt; do run "$m-$bits" "$bits" "$m"; done; done
+}
+
+quest() {
+  for bits in w4a8 w4a4 w8a8; do run "quest-$bits" "$bits" quest; done
+  run quest-stage1-only-w4a4 w4a4 quest --stages temporal
+  run quest-stage2-only-w4a4 w4a4 quest --stages critical
+  run quest-single-set-w4a4 w4a4 quest --timestep-groups 1
+}
+
+report() {
+  local files=("$RESULTS/fp.json")
+  for bits in w8a8 w4a8 w4a4; do for m in ptq ptq-timestep modelopt quest; do files+=("$RESULTS/$m-$bits.json"); done; done
+  files+=("$RESULTS"/quest-stage1-only-w4a4.json "$RESULTS"/quest-stage2-only-w4a4.json "$RESULTS"/quest-single-set-w4a4.json)
+  $QE report "${files[@]}"
+}
+
+mkdir -p "$RESULTS"
+case "${1:-all}" in
+  baselines) prepare; baselines ;;
+  quest) prepare; quest ;;
+  report) report ;;
+  all) prepare; baselines; quest; report ;;
+  *) echo "usage: $0 baselines|quest|report|all" >&2; exit 2 ;;
+esac
