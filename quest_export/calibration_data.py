@@ -10,20 +10,16 @@ from quest.calibration import CalibrationSet, record_calibration
 from quest.recipe import CalibrationSettings
 from quest_export.errors import UserError
 from quest_export.models.resolve import LoadedModel
-from quest_export.sampling import balanced_labels, sample_digits, sample_prompts
+from quest_export.sampling import balanced_labels, default_guidance, sample_digits, sample_prompts
 
 CALIB_TENSORS = "calibration.safetensors"
 CALIB_META = "calibration.json"
 
 
-def default_guidance(model: LoadedModel, guidance: float | None) -> float:
-    return guidance if guidance is not None else (2.0 if model.is_digits else 7.5)
-
-
 def record_for_model(model: LoadedModel, settings: CalibrationSettings) -> CalibrationSet:
     """Sample ``settings.trajectories`` FP trajectories with the deployment scheduler and record
     the UNet inputs at every step (the step grid is evenly spaced by the scheduler)."""
-    guidance = default_guidance(model, settings.guidance)
+    guidance = default_guidance(settings.guidance, model.is_digits)
     meta: dict[str, Any] = {
         "model": model.spec.name,
         "model_hash": model.content_hash,

@@ -54,10 +54,6 @@ GuidanceOpt = Annotated[
 ]
 
 
-def _default_guidance(guidance: float | None, is_digits: bool) -> float:
-    return guidance if guidance is not None else (2.0 if is_digits else 7.5)
-
-
 def _threads() -> None:
     import torch
 
@@ -110,7 +106,9 @@ def generate(
         raise UserError(f"--label applies only to the digits model; use --prompt TEXT with {model}")
     _threads()
     loaded = load_model(model)
-    g = _default_guidance(guidance, loaded.is_digits)
+    from quest_export.sampling import default_guidance
+
+    g = default_guidance(guidance, loaded.is_digits)
     from quest_export.evaluation.grid import save_grid
     from quest_export.sampling import balanced_labels, sample_digits, sample_prompts
 
@@ -156,6 +154,7 @@ def evaluate_cmd(
         raise UserError("pass either --model or --checkpoint (a checkpoint names its own model)")
     from quest_export.evaluation.evaluate import evaluate
     from quest_export.models.resolve import load_model
+    from quest_export.sampling import default_guidance
 
     _threads()
     fp_twin = None
@@ -167,7 +166,7 @@ def evaluate_cmd(
     else:
         loaded = load_model(model or "digits")
     result = evaluate(
-        loaded, num_samples, steps, seed, _default_guidance(guidance, loaded.is_digits), batch_size, progress=True, fp_twin=fp_twin
+        loaded, num_samples, steps, seed, default_guidance(guidance, loaded.is_digits), batch_size, progress=True, fp_twin=fp_twin
     )
     if checkpoint is not None:
         result.update({"checkpoint": str(checkpoint), "method": meta.get("method"), "bits": meta["bits"], "target": meta["target"]})

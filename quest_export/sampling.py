@@ -13,6 +13,11 @@ import torch
 from quest_export.models.resolve import LoadedModel
 
 
+def default_guidance(guidance: float | None, is_digits: bool) -> float:
+    """Classifier-free guidance scale: 2.0 for the digits demo, 7.5 (SD's usual) otherwise."""
+    return guidance if guidance is not None else (2.0 if is_digits else 7.5)
+
+
 def balanced_labels(count: int, num_classes: int = 10) -> torch.Tensor:
     """0, 1, ..., 9, 0, 1, ... (``count`` labels)."""
     return torch.arange(count) % num_classes
