@@ -93,10 +93,11 @@ def settings_from_recipe(finetune: dict[str, Any], class_conditional: bool) -> F
             stages[name] = StageSpec(**{**(asdict(base) if base else {}), **override})
         except TypeError as exc:
             raise QuantConfigError(f"recipe finetune stage {name!r}: {exc}") from None
-    only = finetune.pop("only", None)
-    chosen = [stages[n] for n in (only or list(stages))] if all(n in stages for n in (only or [])) else None
-    if chosen is None:
-        raise QuantConfigError(f"recipe finetune.only names unknown stages {only}; known: {', '.join(stages)}")
+    only = finetune.pop("only", None) or list(stages)
+    unknown = [n for n in only if n not in stages]
+    if unknown:
+        raise QuantConfigError(f"recipe finetune.only names unknown stages {unknown}; known: {', '.join(stages)}")
+    chosen = [stages[n] for n in only]
     try:
         return FinetuneSettings(stages=chosen, **finetune)
     except TypeError as exc:

@@ -267,7 +267,7 @@ def finetune(
     `--resume` continues from there. Under `torchrun` it runs data-parallel (rank 0 writes)."""
     from dataclasses import replace
 
-    from quest_export.quantization import METHODS
+    from quest_export.quantization import METHODS, check_method_target
 
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -278,8 +278,7 @@ def finetune(
         recipe = replace(recipe, finetune={**recipe.finetune, "only": [s.strip() for s in stages.split(",") if s.strip()]})
     if resume and method != "quest":
         raise UserError("--resume applies only to --method quest")
-    if method == "modelopt" and profile.name != "tensorrt":
-        raise UserError("--method modelopt is ModelOpt's symmetric INT8 PTQ (TensorRT arithmetic); use --target tensorrt")
+    check_method_target(method, profile.name)
     from quest.distributed import init_from_env
 
     dist = init_from_env()

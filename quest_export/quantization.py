@@ -44,6 +44,12 @@ def forward_loop_for(calib: CalibrationSet, batch_size: int = 64):
     return loop
 
 
+def check_method_target(method: str, target: str) -> None:
+    """ModelOpt's PTQ is symmetric INT8: it only has TensorRT's arithmetic."""
+    if method == "modelopt" and target != "tensorrt":
+        raise UserError("--method modelopt is ModelOpt's symmetric INT8 PTQ (TensorRT arithmetic); use --target tensorrt")
+
+
 def recipe_for_method(recipe: Recipe, method: str) -> Recipe:
     if method == "ptq":
         return replace(recipe, timestep_groups=1)
@@ -96,8 +102,7 @@ def quantize_with_method(
         }
         return qunet, report
     if method == "modelopt":
-        if recipe.target != "tensorrt":
-            raise UserError("--method modelopt is ModelOpt's symmetric INT8 PTQ (TensorRT arithmetic); use --target tensorrt")
+        check_method_target(method, recipe.target)
         from quest_export.baselines.modelopt_ptq import convert_to_quest, run_modelopt
 
         qunet = convert_to_quest(unet, run_modelopt(unet, recipe, loop), recipe)
