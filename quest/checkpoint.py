@@ -48,6 +48,7 @@ def save_checkpoint(directory: Path, qunet: QuantizedUNet, meta: dict[str, Any])
     state = {k: v.detach().contiguous().clone() for k, v in qunet.unet.state_dict().items()}
     save_file(state, str(directory / TENSORS), metadata={"format": FORMAT})
     lookup = qunet.context.lookup.tolist()
+    starts = [t for t in range(len(lookup)) if t == 0 or lookup[t] != lookup[t - 1]]
     document = {
         "format": FORMAT,
         **meta,
@@ -57,7 +58,11 @@ def save_checkpoint(directory: Path, qunet: QuantizedUNet, meta: dict[str, Any])
         "timestep_grid": {
             "num_train_timesteps": len(lookup),
             "num_groups": qunet.context.num_groups,
-            "group_starts": [t for t in range(len(lookup)) if t == 0 or lookup[t] != lookup[t - 1]],
+            "grouping": qunet.recipe.grouping,
+            # runs of equal group: run i covers [group_starts[i], group_starts[i+1]) and maps to
+            # run_groups[i] (for uniform or searched contiguous groups, run_groups[i] == i)
+            "group_starts": starts,
+            "run_groups": [lookup[t] for t in starts],
         },
         "layers": qunet.layer_map(),
         "versions": _versions(),

@@ -37,6 +37,7 @@ from quest.errors import QuantConfigError
 from quest.modules import QuantConv2d, QuantLinear
 from quest.quantize import QuantizedUNet
 from quest.quantizers import ActivationQuantizer, TiedOutputQuantizer
+from quest.recipe import FINETUNE_LOSSES
 
 STATE_FORMAT = "quest-finetune-state/1"
 
@@ -61,6 +62,7 @@ class FinetuneSettings:
     stages: list[StageSpec]
     seed: int = 0
     checkpoint_every: int = 50
+    loss: str = "quest"  # quest: local + final MSE of the stages' layers; blockwise: quest.blockwise
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -80,14 +82,28 @@ def default_stages(class_conditional: bool) -> list[StageSpec]:
     ]
 
 
+def blockwise_stages() -> list[StageSpec]:
+    """Block-wise distillation: one stage, every quantized layer's weights and every activation
+    scale, as many steps as QuEST's two stages together, QuEST's learning rates."""
+    return [StageSpec("blockwise", weights=["*"], scales=["*"], steps=300)]
+
+
 def settings_from_recipe(finetune: dict[str, Any], class_conditional: bool) -> FinetuneSettings:
     """Recipe ``finetune:`` block -> settings. Stage entries override the defaults by name;
-    ``only: [temporal]`` keeps a subset (ablations)."""
+    ``only: [temporal]`` keeps a subset (ablations); ``loss: blockwise`` swaps QuEST's stages
+    for block-wise distillation."""
     finetune = dict(finetune or {})
-    stages = {s.name: s for s in default_stages(class_conditional)}
+    loss = finetune.get("loss", "quest")
+    if loss not in FINETUNE_LOSSES:
+        raise QuantConfigError(f"recipe finetune.loss must be one of {', '.join(FINETUNE_LOSSES)}, got {loss!r}")
+    defaults = blockwise_stages() if loss == "blockwise" else default_stages(class_conditional)
+    stages = {s.name: s for s in defaults}
+    other = {s.name for s in (default_stages(class_conditional) if loss == "blockwise" else blockwise_stages())}
     for override in finetune.pop("stages", []) or []:
         override = dict(override)
         name = override.get("name")
+        if name in other:
+            continue  # the recipe tunes the other loss's stages
         base = stages.get(name)
         try:
             stages[name] = StageSpec(**{**(asdict(base) if base else {}), **override})
@@ -268,6 +284,10 @@ class QuestFinetuner:
 
     def _step_loss(self, plan: StagePlan, rows: torch.Tensor) -> tuple[torch.Tensor, float, float]:
         x, t, states = self.calib.unet_inputs(rows)
+        if self.settings.loss == "blockwise":
+            from quest.blockwise import blockwise_loss
+
+            return blockwise_loss(self.qunet, self.fp_unet, x, t, states)
         fp_layers = {n: self.fp_unet.get_submodule(n) for n in plan.layers}
         with torch.no_grad(), _capture_outputs(fp_layers) as fp_out:
             target = self.fp_unet(x, t, encoder_hidden_states=states).sample

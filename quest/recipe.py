@@ -17,6 +17,9 @@ from quest.errors import QuantConfigError
 
 _BITS = re.compile(r"^w(\d+)a(\d+)$")
 ACT_INIT_METHODS = ("minmax", "percentile", "mse")
+GROUPINGS = ("uniform", "searched")  # timestep -> group lookup: equal intervals, or quest.grouping's search
+STEP_SELECTIONS = ("uniform", "selected")  # calibration rows: trajectory x_t, or quest.calibration_steps
+FINETUNE_LOSSES = ("quest", "blockwise")  # QuEST's stages, or quest.blockwise distillation
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
@@ -49,6 +52,7 @@ class CalibrationSettings:
     steps: int = 20
     guidance: float | None = None
     seed: int = 1234
+    step_selection: str = "uniform"
     prompts: list[str] = field(default_factory=lambda: ["a photograph of a city street", "a bowl of fruit on a table"])
 
 
@@ -69,6 +73,9 @@ class Recipe:
     activation_symmetric: bool | None = None  # None: the target's own choice
     activation_per_channel: bool = False
     quantize_attention: bool = True
+    grouping: str = "uniform"
+    grouping_search: dict[str, Any] = field(default_factory=dict)  # quest.grouping.GroupingSearch overrides
+    weight_dilation: bool = False  # fold quest.dilation's exact channel rescale into the FP model first
     layers: list[LayerRule] = field(default_factory=list)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     finetune: dict[str, Any] = field(default_factory=dict)
@@ -116,6 +123,23 @@ class Recipe:
             raise QuantConfigError(f"activation_init must be one of {', '.join(ACT_INIT_METHODS)}")
         if self.timestep_groups < 1:
             raise QuantConfigError("timestep_groups must be >= 1")
+        for value, what, choices in (
+            (self.grouping, "grouping", GROUPINGS),
+            (self.calibration.step_selection, "calibration.step_selection", STEP_SELECTIONS),
+            ((self.finetune or {}).get("loss", "quest"), "finetune.loss", FINETUNE_LOSSES),
+        ):
+            if value not in choices:
+                raise QuantConfigError(f"recipe {self.name}: {what} must be one of {', '.join(choices)}, got {value!r}")
+        if self.grouping_search:
+            from dataclasses import fields
+
+            from quest.grouping import GroupingSearch  # lazy: quest.grouping imports this module
+
+            unknown = sorted(set(self.grouping_search) - {f.name for f in fields(GroupingSearch)})
+            if unknown:
+                raise QuantConfigError(f"recipe {self.name}: grouping_search has unknown keys: {', '.join(unknown)}")
+        if not isinstance(self.weight_dilation, bool):
+            raise QuantConfigError(f"recipe {self.name}: weight_dilation must be true or false, got {self.weight_dilation!r}")
 
 
 def recipes_dir() -> Path:

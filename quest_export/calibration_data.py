@@ -28,6 +28,7 @@ def record_for_model(model: LoadedModel, settings: CalibrationSettings) -> Calib
         "guidance": guidance,
         "seed": settings.seed,
         "scheduler": type(model.pipeline.scheduler).__name__,
+        "step_selection": settings.step_selection,
     }
     if model.is_digits:
         labels = balanced_labels(settings.trajectories)
@@ -42,7 +43,21 @@ def record_for_model(model: LoadedModel, settings: CalibrationSettings) -> Calib
         def run() -> None:
             sample_prompts(model, prompts, settings.steps, guidance, settings.seed)
 
-    return record_calibration(model.pipeline.unet, run, None, meta)
+    calib = record_calibration(model.pipeline.unet, run, None, meta)
+    return select_steps(model, calib, guidance) if settings.step_selection == "selected" else calib
+
+
+def select_steps(model: LoadedModel, calib: CalibrationSet, guidance: float) -> CalibrationSet:
+    """``--calibration-steps selected``: rebuild the set from the structural-risk-selected timestep
+    (``quest.calibration_steps``) with the model's own noise schedule."""
+    from quest.calibration_steps import select_calibration_steps
+
+    scheduler = model.pipeline.scheduler
+    config = scheduler.config
+    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
+    return select_calibration_steps(
+        calib, model.pipeline.unet, scheduler.alphas_cumprod, guidance, int(calib.meta.get("seed", 0)), config.get("prediction_type", "epsilon"), clip
+    )
 
 
 def save_calibration(directory: Path, calib: CalibrationSet) -> None:

@@ -90,8 +90,9 @@ def generate(
     steps: StepsOpt = 20,
     guidance: GuidanceOpt = None,
     seed: SeedOpt = 0,
+    engine: Annotated[Optional[Path], typer.Option("--engine", help="Built engine directory: sample with it as the pipeline's UNet.")] = None,
 ) -> None:
-    """Sample a model with fixed seeds and write a PNG grid."""
+    """Sample a model (or a built engine in its pipeline) with fixed seeds and write a PNG grid."""
     from quest_export.artifacts import check_writable_file
 
     out = check_writable_file(out)
@@ -105,7 +106,12 @@ def generate(
     if spec.family != "digits" and label is not None:
         raise UserError(f"--label applies only to the digits model; use --prompt TEXT with {model}")
     _threads()
-    loaded = load_model(model)
+    if engine is not None:
+        from quest_export.runtime.load import load_engine_model
+
+        loaded = load_engine_model(engine)
+    else:
+        loaded = load_model(model)
     from quest_export.sampling import default_guidance
 
     g = default_guidance(guidance, loaded.is_digits)
@@ -142,6 +148,7 @@ def evaluate_cmd(
     seed: SeedOpt = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics JSON here.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per pipeline call.")] = 250,
+    engine: Annotated[Optional[Path], typer.Option("--engine", help="Built engine directory: evaluate it and add psnr_vs_simulation against its checkpoint's PyTorch simulation.")] = None,
 ) -> None:
     """Measure sample quality: FID on the digit classifier's features, label accuracy, the
     real-data floor `fid_real_floor` (held-out real digits vs the reference set) and, for a
@@ -150,15 +157,24 @@ def evaluate_cmd(
 
     if json_out is not None:
         json_out = check_writable_file(json_out)
-    if checkpoint is not None and model is not None:
-        raise UserError("pass either --model or --checkpoint (a checkpoint names its own model)")
+    if sum(x is not None for x in (checkpoint, model, engine)) > 1:
+        raise UserError("pass one of --model, --checkpoint or --engine (checkpoints and engines name their own model)")
     from quest_export.evaluation.evaluate import evaluate
     from quest_export.models.resolve import load_model
     from quest_export.sampling import default_guidance
 
     _threads()
     fp_twin = None
-    if checkpoint is not None:
+    if engine is not None:
+        from quest_export.quantization import load_quantized
+        from quest_export.runtime.load import load_engine_model
+
+        loaded = load_engine_model(engine)
+        source = loaded.pipeline.unet.manifest["source_checkpoint"]
+        if not Path(source["path"]).is_dir():
+            raise UserError(f"the engine's source checkpoint {source['path']} is gone; psnr_vs_simulation needs it")
+        fp_twin, _, meta = load_quantized(Path(source["path"]))
+    elif checkpoint is not None:
         from quest_export.quantization import load_quantized
 
         loaded, _, meta = load_quantized(checkpoint)
@@ -170,6 +186,10 @@ def evaluate_cmd(
     )
     if checkpoint is not None:
         result.update({"checkpoint": str(checkpoint), "method": meta.get("method"), "bits": meta["bits"], "target": meta["target"]})
+    if engine is not None:
+        result["psnr_vs_simulation"] = result.pop("psnr_vs_fp")
+        result.update({"engine": str(engine), "backend": loaded.pipeline.unet.backend, "method": meta.get("method"),
+                       "bits": meta["bits"], "target": meta["target"]})
     if json_out is not None:
         write_json_atomic(json_out, result)
     _print_metrics(result)
@@ -206,6 +226,24 @@ def _prepare_out_dir(out: Path, force: bool) -> None:
         raise UserError(f"{parent} is not writable; choose another --out")
 
 
+CalibrationStepsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--calibration-steps",
+        help="uniform (the FP trajectory's x_t at every sampler step) or selected (ADP-DM: every row re-noised from the structural-risk-selected timestep's generated samples) [default: uniform / the recipe].",
+    ),
+]
+
+
+def _check_choice(flag: str, value: str | None, choices_name: str) -> None:
+    """Refuse a value of a string option that is not one of ``quest.recipe.<choices_name>``."""
+    from quest import recipe as recipe_module
+
+    choices = getattr(recipe_module, choices_name)
+    if value is not None and value not in choices:
+        raise UserError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices)}")
+
+
 @app.command()
 def calibrate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for calibration.safetensors + calibration.json.")],
@@ -214,12 +252,14 @@ def calibrate(
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, max=1000, help="Deployment sampler steps; every step is recorded [default: from the recipe].")] = None,
     guidance: GuidanceOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed of the calibration trajectories [default: from the recipe].")] = None,
+    calibration_steps: CalibrationStepsOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Record a calibration set: (x_t, t, cond, uncond) along the FP model's own sampling
     trajectories with the deployment scheduler. `finetune --calibration DIR` reuses it."""
     from quest.recipe import CalibrationSettings
 
+    _check_choice("--calibration-steps", calibration_steps, "STEP_SELECTIONS")
     _prepare_out_dir(out, force)
     defaults = CalibrationSettings()
     settings = CalibrationSettings(
@@ -227,6 +267,7 @@ def calibrate(
         steps=steps or defaults.steps,
         guidance=guidance,
         seed=defaults.seed if seed is None else seed,
+        step_selection=calibration_steps or defaults.step_selection,
     )
     from quest_export.artifacts import atomic_directory
     from quest_export.calibration_data import record_for_model, save_calibration
@@ -257,6 +298,10 @@ def finetune(
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Reuse a calibration set from `quest-export calibrate` (or a checkpoint dir).")] = None,
     stages: Annotated[Optional[str], typer.Option("--stages", help="quest only: comma-separated stages to run, e.g. temporal or critical [default: both].")] = None,
     timestep_groups: Annotated[Optional[int], typer.Option("--timestep-groups", min=1, max=1000, help="Activation scale sets (1 = one set for all timesteps) [default: from the recipe].")] = None,
+    grouping: Annotated[Optional[str], typer.Option("--grouping", help="Timestep groups: uniform (equal intervals) or searched (ADP-DM differentiable search on the calibration loss) [default: from the recipe].")] = None,
+    weight_dilation: Annotated[Optional[bool], typer.Option("--weight-dilation/--no-weight-dilation", help="DilateQuant weight dilation folded into the FP model before PTQ (LayerNorm/GroupNorm -> q/k/v, ff, proj_in; to_v -> to_out; GEGLU value -> ff.net.2) [default: from the recipe].")] = None,
+    loss: Annotated[Optional[str], typer.Option("--loss", help="quest only: quest (QuEST's selective stages) or blockwise (DilateQuant block-wise distillation of all weights and scales) [default: from the recipe].")] = None,
+    calibration_steps: CalibrationStepsOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="quest only: continue from the last finetuning checkpoint of this --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
@@ -278,6 +323,7 @@ def finetune(
         recipe = replace(recipe, finetune={**recipe.finetune, "only": [s.strip() for s in stages.split(",") if s.strip()]})
     if resume and method != "quest":
         raise UserError("--resume applies only to --method quest")
+    recipe = _apply_option_flags(recipe, method, grouping, weight_dilation, loss, calibration_steps)
     check_method_target(method, profile.name)
     from quest.distributed import init_from_env
 
@@ -289,6 +335,11 @@ def finetune(
     from quest_export.quantization import checkpoint_meta, quantize_with_method
 
     loaded, calib, calib_seconds = _model_and_calibration(model, recipe, profile, calibration)
+    if calibration is not None and calibration_steps is not None and calib.meta.get("step_selection", "uniform") != calibration_steps:
+        raise UserError(
+            f"--calibration {calibration} was recorded with --calibration-steps {calib.meta.get('step_selection', 'uniform')}; "
+            f"record one with `quest-export calibrate --calibration-steps {calibration_steps}` or drop the flag"
+        )
     from quest.finetune import StopRequested
     from quest_export.quantization import FinetuneRun
 
@@ -302,7 +353,8 @@ def finetune(
     if not dist.is_main:
         return
     log = report.pop("log", None)
-    meta = checkpoint_meta(loaded, method, calib, {"timings": {"calibration_seconds": round(calib_seconds, 2), **report}, "world_size": dist.world_size})
+    options = report.pop("options", {})
+    meta = checkpoint_meta(loaded, method, calib, {"timings": {"calibration_seconds": round(calib_seconds, 2), **report}, "world_size": dist.world_size, "options": options})
     from quest.checkpoint import save_checkpoint
     from quest_export.artifacts import write_json_atomic
 
@@ -314,6 +366,29 @@ def finetune(
             save_calibration(tmp, calib)
     state_path.unlink(missing_ok=True)
     console.print(f"wrote {out} ({method}, {recipe.bits}, target {profile.name}, {len(qunet.layers)} quantized layers)")
+
+
+def _apply_option_flags(recipe, method: str, grouping: str | None, weight_dilation: bool | None, loss: str | None, calibration_steps: str | None):
+    """The issue-8 options (`--grouping`, `--weight-dilation`, `--loss`, `--calibration-steps`) on the recipe."""
+    from dataclasses import replace
+
+    _check_choice("--grouping", grouping, "GROUPINGS")
+    _check_choice("--loss", loss, "FINETUNE_LOSSES")
+    _check_choice("--calibration-steps", calibration_steps, "STEP_SELECTIONS")
+    if loss is not None and method != "quest":
+        raise UserError("--loss applies only to --method quest")
+    if grouping is not None:
+        recipe = replace(recipe, grouping=grouping)
+    if recipe.grouping == "searched" and method == "modelopt":
+        raise UserError("--grouping searched needs --method quest or ptq-timestep (ModelOpt calibrates one table)")
+    if weight_dilation is not None:
+        recipe = replace(recipe, weight_dilation=weight_dilation)
+    if loss is not None:
+        recipe = replace(recipe, finetune={**recipe.finetune, "loss": loss})
+    if calibration_steps is not None:
+        recipe = replace(recipe, calibration=replace(recipe.calibration, step_selection=calibration_steps))
+    recipe.validate()
+    return recipe
 
 
 @contextlib.contextmanager
@@ -462,6 +537,84 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Quantized checkpoint directory (quant.safetensors + quant.json).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for model.onnx, manifest.json, parity.json.")],
+    target: Annotated[str, typer.Option("--target", help="tensorrt (FP16 graph, symmetric INT8 Q/DQ) or onnxruntime (uint8 activations, fused integer kernels).")] = "onnxruntime",
+    timestep_scales: Annotated[str, typer.Option("--timestep-scales", help="table (one graph, per-timestep factors gathered by the timestep input) or per-engine (one graph per timestep group).")] = "table",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the graph against the PyTorch simulation and write parity.json.")] = True,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Calibration directory for the parity inputs [default: two fresh FP trajectories].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Export a quantized checkpoint to ONNX with Q/DQ nodes and per-timestep scale tables, and
+    prove it against the simulation (integer codes per tensor, output error)."""
+    from quest_export.export.exporter import export_checkpoint
+    from quest_export.export.report import print_export_summary
+
+    _prepare_out_dir(out, force)
+    result = export_checkpoint(checkpoint, target, out, timestep_scales=timestep_scales, verify=verify,
+                               calibration=calibration, force=force, log=lambda line: typer.echo(line, err=True))
+    print_export_summary(result.manifest, result.parity)
+
+
+@app.command("build-engine")
+def build_engine_cmd(
+    source: Annotated[Path, typer.Argument(help="Exported ONNX directory, or a quantized checkpoint (exported first).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Engine directory to write (e.g. engines/digits-w4a8).")],
+    backend: Annotated[str, typer.Option("--backend", help="tensorrt (NVIDIA GPU with TensorRT) or onnxruntime (anywhere).")] = "onnxruntime",
+    profile: Annotated[str, typer.Option("--profile", help="Build profile: a name in engines/ (digits, sd15-512, bench-unet) or a YAML path.")] = "digits",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Compile an exported Q/DQ graph into an engine directory (plan or optimised ORT model + manifest.json)."""
+    from quest_export.engine.build import build_engine
+
+    _prepare_out_dir(out, force)
+    manifest = build_engine(source, backend, out, profile=profile, force=force, log=lambda line: typer.echo(line, err=True))
+    size = sum(entry["bytes"] for entry in manifest["files"].values()) / (1 << 20)
+    console.print(f"built {backend} engine {out} ({size:.2f} MiB, profile {manifest['profile']['name']}, "
+                  f"{manifest['build_seconds']:.1f} s)")
+
+
+@app.command()
+def bench(
+    engine: Annotated[Optional[Path], typer.Option("--engine", help="An onnxruntime engine directory to time against its FP32 engine.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="bench-unet: the built-in SD1.5-shaped UNet, PTQ-quantized on the spot.")] = None,
+    bits: Annotated[str, typer.Option("--bits", help="bench-unet only: weight/activation bits (w8a8, w4a8).")] = "w8a8",
+    threads: Annotated[int, typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads for both engines.")] = 2,
+    warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
+    iterations: Annotated[int, typer.Option("--iterations", min=1)] = 15,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the measurements JSON here.")] = None,
+) -> None:
+    """Median latency per UNet call of a quantized engine vs the FP32 engine of the same UNet on the
+    same backend, measured in this run, and the file size ratio."""
+    from quest_export.artifacts import check_writable_file, write_json_atomic
+    from quest_export.engine.bench import bench_engine_dir, bench_unet
+
+    if json_out is not None:
+        json_out = check_writable_file(json_out)
+    if (engine is None) == (model is None):
+        raise UserError("pass either --engine DIR or --model bench-unet")
+    if model is not None and model != "bench-unet":
+        raise UserError(f"--model {model!r}: bench builds only the built-in bench-unet; build other models with build-engine and pass --engine")
+    if model is not None:
+        from quest.recipe import parse_bits
+
+        parse_bits(bits)
+        result = bench_unet(bits, threads, warmup, iterations, log=lambda line: typer.echo(line, err=True))
+    else:
+        result = bench_engine_dir(engine, threads, warmup, iterations)
+    table = Table(title="latency per UNet call (median)")
+    for column in ("engine", "quantized ms", "FP32 ms", "speedup", "size ratio"):
+        table.add_column(column)
+    table.add_row(str(result.get("engine") or f"bench-unet {bits}"), f"{result['latency_ms']:.1f}", f"{result['fp32_latency_ms']:.1f}",
+                  f"{result['speedup']:.2f}x", f"{result['size_ratio']:.3f}")
+    console.print(table)
+    if json_out is not None:
+        write_json_atomic(json_out, result)
+        console.print(f"wrote {json_out}")
 
 
 def main() -> None:

@@ -75,20 +75,50 @@ class FinetuneRun:
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None
 
 
+def apply_fp_options(unet: torch.nn.Module, recipe: Recipe, calib: CalibrationSet) -> dict[str, Any]:
+    """Recipe options that transform the FP model before quantization (weight dilation)."""
+    if not recipe.weight_dilation:
+        return {}
+    from quest.dilation import dilate_unet
+
+    started = time.perf_counter()
+    summary = dilate_unet(unet, calib)
+    summary["layers"] = {k: v for k, v in summary["layers"].items() if v["dilated_channels"]}
+    return {"weight_dilation": summary, "dilation_seconds": round(time.perf_counter() - started, 2)}
+
+
+def init_grouping(qunet: QuantizedUNet, fp_unet: torch.nn.Module | None, calib: CalibrationSet, loop, seed: int) -> dict[str, Any]:
+    """``grouping: searched``: PTQ with uniform groups gives the candidate tables, then the search
+    installs its lookup (the caller re-runs PTQ for the new groups). No-op for uniform grouping."""
+    if qunet.recipe.grouping != "searched":
+        return {}
+    from quest.grouping import GroupingSearch, search_grouping
+
+    try:
+        search = GroupingSearch(**{"seed": seed, **qunet.recipe.grouping_search})
+    except TypeError as exc:
+        raise QuantConfigError(f"recipe grouping_search: {exc}") from None
+    calibrate(qunet, loop)
+    report = search_grouping(qunet, fp_unet, calib, search)
+    return {"grouping_search": report, "grouping_search_seconds": report.get("seconds", 0.0)}
+
+
 def quantize_with_method(
     model: LoadedModel, recipe: Recipe, method: str, calib: CalibrationSet, run: FinetuneRun | None = None
 ) -> tuple[QuantizedUNet, dict[str, Any]]:
     """Quantize ``model.pipeline.unet`` in place with ``method``; returns the handle and a report
-    (timings, and for ``quest`` the stage loss log)."""
+    (timings, ``options`` (what the recipe options did), and for ``quest`` the stage loss log)."""
     recipe = recipe_for_method(recipe, method)
     unet = model.pipeline.unet
     loop = forward_loop_for(calib)
     started = time.perf_counter()
+    options = apply_fp_options(unet, recipe, calib)
     if method == "quest":
         run = run or FinetuneRun()
         settings = settings_from_recipe(recipe.finetune, class_conditional=model.is_digits)
         fp_unet = fp_copy(unet)
         qunet = quantize_unet(unet, recipe)
+        options |= init_grouping(qunet, fp_unet, calib, loop, settings.seed)
         calibrate(qunet, loop)
         ptq_seconds = time.perf_counter() - started
         fingerprint = f"{calibration_fingerprint(calib)}:{hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:16]}"
@@ -98,18 +128,24 @@ def quantize_with_method(
             "ptq_seconds": round(ptq_seconds, 2),
             "finetune_seconds": round(time.perf_counter() - started - ptq_seconds, 2),
             "stages": [s.name for s in settings.stages],
+            "loss": settings.loss,
             "log": log,
+            "options": options,
         }
         return qunet, report
     if method == "modelopt":
         check_method_target(method, recipe.target)
         from quest_export.baselines.modelopt_ptq import convert_to_quest, run_modelopt
 
+        if recipe.grouping == "searched":
+            raise UserError("--grouping searched needs --method quest or ptq-timestep (ModelOpt calibrates one table)")
         qunet = convert_to_quest(unet, run_modelopt(unet, recipe, loop), recipe)
     else:
+        fp_unet = fp_copy(unet) if recipe.grouping == "searched" else None
         qunet = quantize_unet(unet, recipe)
+        options |= init_grouping(qunet, fp_unet, calib, loop, int((recipe.finetune or {}).get("seed", 0)))
         calibrate(qunet, loop)
-    return qunet, {"ptq_seconds": round(time.perf_counter() - started, 2)}
+    return qunet, {"ptq_seconds": round(time.perf_counter() - started, 2), "options": options}
 
 
 def peak_rss_mb() -> float:
@@ -125,6 +161,7 @@ def checkpoint_meta(model: LoadedModel, method: str, calib: CalibrationSet, extr
         "model": {"name": model.spec.name, "source": model.spec.source, "content_hash": model.content_hash},
         "method": method,
         "calibration": {k: calib.meta.get(k) for k in ("trajectories", "steps", "guidance", "seed", "scheduler")}
+        | {"step_selection": calib.meta.get("step_selection", "uniform"), "selected_timestep": calib.meta.get("selected_timestep")}
         | {"rows": len(calib), "timesteps": calib.timesteps},
         **extra,
     }

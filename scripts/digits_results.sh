@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's results table on digits. Usage: scripts/digits_results.sh baselines|quest|report
+# The README's results table on digits. Usage: scripts/digits_results.sh baselines|quest|options|report
 # Runs whose eval JSON exists are skipped, so an interrupted run continues where it stopped.
 set -euo pipefail
 QE=${QE:-.venv/bin/quest-export}
@@ -11,11 +11,11 @@ prepare() {
   [ -f "$RESULTS/fp.json" ] || $QE eval --model digits "${EVAL[@]}" --json "$RESULTS/fp.json"
 }
 
-# run NAME BITS METHOD [extra finetune flags...]
+# run NAME BITS METHOD [extra finetune flags...]   (CALIB=DIR picks another calibration set)
 run() {
   local name=$1 bits=$2 method=$3; shift 3
   [ -f "$RESULTS/$name.json" ] && return 0
-  $QE finetune --model digits --bits "$bits" --method "$method" "$@" --calibration "$RESULTS/calib" --out "$RESULTS/$name" --force
+  $QE finetune --model digits --bits "$bits" --method "$method" "$@" --calibration "${CALIB:-$RESULTS/calib}" --out "$RESULTS/$name" --force
   $QE eval --checkpoint "$RESULTS/$name" "${EVAL[@]}" --json "$RESULTS/$name.json"
 }
 
@@ -30,10 +30,24 @@ quest() {
   run quest-single-set-w4a4 w4a4 quest --timestep-groups 1
 }
 
+# issue 8: each option alone on top of the QuEST default
+options() {
+  [ -f "$RESULTS/calib-selected/calibration.json" ] || $QE calibrate --model digits --calibration-steps selected --out "$RESULTS/calib-selected" --force
+  for bits in w4a4 w4a8; do
+    run "quest-searched-groups-$bits" "$bits" quest --grouping searched
+    CALIB="$RESULTS/calib-selected" run "quest-selected-steps-$bits" "$bits" quest --calibration-steps selected
+    run "quest-dilation-$bits" "$bits" quest --weight-dilation
+    run "blockwise-$bits" "$bits" quest --loss blockwise
+  done
+}
+
 report() {
   local files=("$RESULTS/fp.json")
   for bits in w8a8 w4a8 w4a4; do for m in ptq ptq-timestep modelopt quest; do files+=("$RESULTS/$m-$bits.json"); done; done
   files+=("$RESULTS"/quest-stage1-only-w4a4.json "$RESULTS"/quest-stage2-only-w4a4.json "$RESULTS"/quest-single-set-w4a4.json)
+  for bits in w4a8 w4a4; do
+    for o in quest-searched-groups quest-selected-steps quest-dilation blockwise; do files+=("$RESULTS/$o-$bits.json"); done
+  done
   $QE report "${files[@]}"
 }
 
@@ -41,7 +55,8 @@ mkdir -p "$RESULTS"
 case "${1:-all}" in
   baselines) prepare; baselines ;;
   quest) prepare; quest ;;
+  options) prepare; options ;;
   report) report ;;
-  all) prepare; baselines; quest; report ;;
-  *) echo "usage: $0 baselines|quest|report|all" >&2; exit 2 ;;
+  all) prepare; baselines; quest; options; report ;;
+  *) echo "usage: $0 baselines|quest|options|report|all" >&2; exit 2 ;;
 esac

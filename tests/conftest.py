@@ -56,3 +56,19 @@ def assert_one_line_error(result: CliResult, code: int = 2, contains: str = "") 
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert contains in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def digits_calibration(tmp_path_factory) -> Path:
+    """A small calibration set of the shipped digits model (8 trajectories x 10 steps)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("calib") / "digits"
+    proc = subprocess.run(
+        [sys.executable, "-m", "quest_export.cli", "calibrate", "--model", "digits", "--trajectories", "8", "--steps", "10", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out

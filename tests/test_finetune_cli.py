@@ -10,22 +10,6 @@ import pytest
 from conftest import assert_one_line_error
 
 
-@pytest.fixture(scope="module")
-def digits_calibration(tmp_path_factory) -> Path:
-    """A small calibration set of the shipped digits model (8 trajectories x 10 steps)."""
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("calib") / "digits"
-    proc = subprocess.run(
-        [sys.executable, "-m", "quest_export.cli", "calibrate", "--model", "digits", "--trajectories", "8", "--steps", "10", "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
 def test_calibration_set_records_trajectories(digits_calibration: Path) -> None:
     from quest.calibration import CalibrationSet
 

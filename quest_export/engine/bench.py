@@ -1,0 +1,163 @@
+"""``quest-export bench``: latency per UNet call of an engine vs the FP32 engine of the same UNet,
+on the same backend, measured in one run (interleaved after warm-up), plus the size ratio.
+
+The FP32 engine gets every ONNX Runtime optimisation that is not quantization (attention and
+GELU fusions, constant folding), so the ratio is what quantization buys.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from quest_export.engine import onnxruntime_backend
+
+
+def _timed(run: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    run()
+    return (time.perf_counter() - started) * 1000.0
+
+
+def measure(quantized: Callable[[], Any], fp32: Callable[[], Any], warmup: int, iterations: int) -> dict[str, float]:
+    """Median milliseconds of each, alternating calls so load changes hit both alike."""
+    for _ in range(warmup):
+        quantized()
+        fp32()
+    q_times, f_times = [], []
+    for _ in range(iterations):
+        q_times.append(_timed(quantized))
+        f_times.append(_timed(fp32))
+    q, f = statistics.median(q_times), statistics.median(f_times)
+    return {"latency_ms": q, "fp32_latency_ms": f, "speedup": f / q,
+            "latency_ms_spread": [min(q_times), max(q_times)], "fp32_latency_ms_spread": [min(f_times), max(f_times)]}
+
+
+def fp32_engine(float_graph: onnx.ModelProto, directory: Path, ort_settings: dict[str, Any]) -> tuple[Path, int]:
+    """Save the FP32 graph and build its ORT engine (same optimisations as the quantized one)."""
+    source = directory / "fp32.onnx"
+    onnx.save_model(float_graph, str(source))
+    out = directory / "fp32-engine"
+    out.mkdir()
+    onnxruntime_backend.build(source, out, ort_settings)
+    return out / onnxruntime_backend.MODEL_FILE, source.stat().st_size
+
+
+def bench_sessions(engine_model: Path, float_graph: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int,
+                   warmup: int, iterations: int) -> dict[str, Any]:
+    """Time the quantized engine against the FP32 engine built here from ``float_graph``."""
+    import onnxruntime as ort
+
+    settings = {"intra_op_threads": threads, "memory_arena": True}
+    with tempfile.TemporaryDirectory(prefix="quest-bench-") as tmp:
+        fp32_model, fp32_onnx_bytes = fp32_engine(float_graph, Path(tmp), settings)
+        options = onnxruntime_backend.session_options(threads, True, optimize=False)
+        q_session = ort.InferenceSession(str(engine_model), options, providers=["CPUExecutionProvider"])
+        f_session = ort.InferenceSession(str(fp32_model), options, providers=["CPUExecutionProvider"])
+        fp32_engine_bytes = fp32_model.stat().st_size
+        result = measure(lambda: q_session.run(None, feeds), lambda: f_session.run(None, feeds), warmup, iterations)
+    engine_bytes = Path(engine_model).stat().st_size
+    result.update({
+        "engine_bytes": engine_bytes,
+        "fp32_onnx_bytes": fp32_onnx_bytes,
+        "fp32_engine_bytes": fp32_engine_bytes,
+        "size_ratio": engine_bytes / fp32_onnx_bytes,
+        "threads": threads,
+        "warmup": warmup,
+        "iterations": iterations,
+        "batch": int(feeds["sample"].shape[0]),
+        "sample_shape": list(feeds["sample"].shape),
+    })
+    return result
+
+
+def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``--model bench-unet``: plain PTQ (one scale set) on random inputs, export with parity check,
+    ORT engine, timed against its FP32 engine."""
+    import torch
+
+    from quest.ptq import calibrate
+    from quest.profiles import get_profile
+    from quest.quantize import quantize_unet
+    from quest.recipe import load_recipe
+    from quest_export.errors import UserError
+    from quest_export.export import parity, passes, qdq, trace
+    from quest_export.models.bench_unet import BATCH, TOKENS, build_bench_unet, random_unet_inputs
+    from quest_export.quantization import recipe_for_method
+
+    started = time.perf_counter()
+    recipe = recipe_for_method(load_recipe("bench-unet", bits), "ptq")
+    qunet = quantize_unet(build_bench_unet(), recipe, get_profile("onnxruntime"))
+    calib = random_unet_inputs(8)
+
+    def forward_loop(unet: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for i in range(0, 8, 4):
+                unet(calib[0][i : i + 4], calib[1][i : i + 4], encoder_hidden_states=calib[2][i : i + 4])
+
+    log(f"bench-unet {bits}: PTQ calibration ...")
+    calibrate(qunet, forward_loop)
+    log("exporting and verifying against the simulation ...")
+    marked, quantizers = trace.trace_marked_graph(qunet, trace.example_inputs(qunet.unet, batch=BATCH, tokens=TOKENS))
+    graph, records = qdq.insert_qdq(marked, quantizers, qunet.profile, qunet.context.lookup.numpy())
+    graph = passes.fold_constants(graph)
+    check = parity.check_parity(graph, records, qunet, parity.ParityInputs(*random_unet_inputs(2, seed=2)), check_optimized=False)
+    if not check.passed:
+        raise UserError(f"bench-unet export failed its parity check (min code agreement {check.min_code_agreement:.5f})")
+    sample, timestep, states = random_unet_inputs(BATCH, seed=3)
+    feeds = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": states.numpy()}
+    with tempfile.TemporaryDirectory(prefix="quest-bench-unet-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(graph, str(path))
+        engine_dir = Path(tmp) / "engine"
+        engine_dir.mkdir()
+        onnxruntime_backend.build(path, engine_dir, {"intra_op_threads": threads})
+        from quest_export.export.kernels import integer_kernel_report
+
+        linear = len({c for r in records if r.kind == "activation" for c in r.consumers})
+        kernels = integer_kernel_report(path, linear)
+        log(f"timing {iterations} calls each after {warmup} warm-up calls ...")
+        result = bench_sessions(engine_dir / onnxruntime_backend.MODEL_FILE, passes.strip_markers(marked), feeds,
+                                threads, warmup, iterations)
+    result.update({"model": "bench-unet", "bits": bits, "backend": "onnxruntime", "method": "ptq",
+                   "parity_min_code_agreement": check.min_code_agreement, "integer_kernels": kernels,
+                   "total_seconds": round(time.perf_counter() - started, 1)})
+    return result
+
+
+def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int) -> dict[str, Any]:
+    """An ONNX Runtime engine directory against the FP32 engine of its source checkpoint's UNet."""
+    import torch
+
+    from quest_export.engine.manifest import check_backend, read_engine_manifest
+    from quest_export.engine.profiles import BuildProfile
+    from quest_export.errors import UserError
+    from quest_export.export import passes, trace
+    from quest_export.quantization import load_quantized
+
+    manifest = read_engine_manifest(directory)
+    check_backend(manifest, "onnxruntime")
+    checkpoint = Path(manifest["source_checkpoint"]["path"])
+    if not checkpoint.is_dir():
+        raise UserError(f"the engine's source checkpoint {checkpoint} is gone; bench needs it to build the FP32 engine")
+    _, qunet, _ = load_quantized(checkpoint)
+    profile = BuildProfile.from_dict(manifest["profile"])
+    config = manifest["unet_config"]
+    generator = torch.Generator().manual_seed(3)
+    batch, size, tokens = profile.batch.opt, profile.latent.opt, profile.tokens.opt
+    feeds = {
+        "sample": torch.randn(batch, config["in_channels"], size, size, generator=generator).numpy(),
+        "timestep": torch.full((batch,), 500.0).numpy(),
+        "encoder_hidden_states": torch.randn(batch, tokens, config["cross_attention_dim"], generator=generator).numpy(),
+    }
+    marked, _ = trace.trace_marked_graph(qunet, trace.example_inputs(qunet.unet, batch=batch, tokens=tokens))
+    result = bench_sessions(Path(directory) / manifest["model_file"], passes.strip_markers(marked), feeds, threads, warmup, iterations)
+    result.update({"engine": str(directory), "backend": "onnxruntime", "bits": manifest["source_checkpoint"].get("bits")})
+    return result

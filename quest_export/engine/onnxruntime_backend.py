@@ -1,0 +1,73 @@
+"""ONNX Runtime backend: an offline-optimised model plus the session that runs it.
+
+Build applies every graph optimisation once (Q/DQ fusion into QLinearConv / MatMulIntegerToFloat,
+attention and GELU fusions, constant folding) and saves the result, so loading is fast and the
+executed graph is the one that was measured. The execution provider is chosen from what the
+installed onnxruntime offers (TensorRT or CUDA EPs with onnxruntime-gpu, else CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quest_export.errors import UserError
+
+MODEL_FILE = "model.ort.onnx"
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_provider(requested: str | None = None) -> str:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        if requested not in available:
+            raise UserError(f"execution provider {requested} is not available in this onnxruntime ({', '.join(available)})")
+        return requested
+    # quantized graphs: the CPU EP is the one with fused integer kernels; GPU EPs only when asked
+    return "CPUExecutionProvider"
+
+
+def session_options(threads: int = 0, arena: bool = True, optimize: bool = True):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = bool(arena)
+    options.log_severity_level = 3
+    return options
+
+
+def build(onnx_path: Path, out_dir: Path, ort_settings: dict[str, Any]) -> dict[str, Any]:
+    """Optimise ``onnx_path`` offline into ``out_dir/model.ort.onnx``; returns manifest fields."""
+    import onnxruntime as ort
+
+    options = session_options(ort_settings.get("intra_op_threads", 0), ort_settings.get("memory_arena", True))
+    options.optimized_model_filepath = str(out_dir / MODEL_FILE)
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return {"backend_version": ort.__version__, "model_file": MODEL_FILE, "provider": "CPUExecutionProvider"}
+
+
+class OrtRunner:
+    """Runs a built ORT engine on numpy inputs (the optimised graph is loaded without re-optimising)."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], provider: str | None = None, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        settings = manifest["profile"].get("ort", {})
+        options = session_options(settings.get("intra_op_threads", 0) if threads is None else threads,
+                                  settings.get("memory_arena", True), optimize=False)
+        self.provider = choose_provider(provider)
+        self.session = ort.InferenceSession(str(Path(directory) / manifest["model_file"]), options, providers=[self.provider])
+        self.output_name = self.session.get_outputs()[0].name
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray:
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        return self.session.run([self.output_name], feeds)[0]

@@ -1,0 +1,208 @@
+"""``quest-export export``: quantized checkpoint -> Q/DQ ONNX graph(s) + manifest + parity report.
+
+trace (markers) -> Q/DQ + timestep tables -> constant folding -> [FP16 for TensorRT] -> lint ->
+parity against the simulation -> files written into a temporary directory renamed into place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from quest.quantize import set_quantizers_enabled
+from quest_export.artifacts import atomic_directory, write_json_atomic
+from quest_export.errors import UserError
+from quest_export.export import lint, parity, passes, qdq, trace
+from quest_export.export.manifest import build_manifest
+
+OPSET = 21
+TARGETS = ("tensorrt", "onnxruntime")
+TIMESTEP_SCALES = ("table", "per-engine")
+FP16_CODE_AGREEMENT = 0.97  # documented FP16 bound (README "Export"): FP16 rounding of activations and softmax
+# probabilities before Q moves up to ~2.5% of codes by one step (the strict check runs on the FP32 Q/DQ graph)
+FP16_ERROR_BOUND = 2e-2  # teacher-forced max abs error of the noise prediction, FP16 graph
+GRAPH_FILE = "model.onnx"
+EXTERNAL_DATA_LIMIT = 1 << 31
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: dict[str, Any]
+    parity: dict[str, Any] | None
+
+
+def check_target(checkpoint_target: str, target: str) -> None:
+    """A checkpoint runs only on the arithmetic it was finetuned for: refuse, never convert."""
+    if target not in TARGETS:
+        raise UserError(f"unknown --target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if checkpoint_target != target:
+        raise UserError(
+            f"the checkpoint was made for target {checkpoint_target!r}, whose integer arithmetic differs from {target!r}; "
+            f"export it with --target {checkpoint_target} or re-run finetune with --target {target}"
+        )
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Write one graph; over 2 GB the weights go to ``<name>.data`` beside it."""
+    large = model.ByteSize() > EXTERNAL_DATA_LIMIT - (64 << 20)
+    if large:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def parity_inputs(qunet, model, calibration: Path | None) -> parity.ParityInputs:
+    """Calibration rows covering every timestep group: from ``--calibration`` or two fresh FP trajectories."""
+    from quest.recipe import CalibrationSettings
+    from quest_export.calibration_data import load_calibration, record_for_model
+
+    if calibration is not None:
+        calib = load_calibration(calibration, model)
+    else:
+        settings = qunet.recipe.calibration
+        small = CalibrationSettings(trajectories=2, steps=settings.steps, guidance=settings.guidance,
+                                    seed=settings.seed, prompts=settings.prompts)
+        set_quantizers_enabled(qunet, False)
+        try:
+            calib = record_for_model(model, small)
+        finally:
+            set_quantizers_enabled(qunet, True)
+    x, t, cond = calib.unet_inputs(torch.arange(len(calib)))
+    return parity.inputs_covering_groups(x, t.float(), cond, qunet.context.lookup)
+
+
+def _single_group(qunet, group: int) -> None:
+    """Collapse every scale table to one group's entry (``--timestep-scales per-engine``)."""
+    for _, module in qunet.activation_quantizers():
+        if hasattr(module, "scale") and module.scale.numel() > 1:
+            module.scale.data = module.scale.data[group : group + 1].clone()
+
+
+def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scales: str = "table", verify: bool = True,
+                      calibration: Path | None = None, force: bool = False,
+                      log: Callable[[str], None] = print) -> ExportResult:
+    from quest_export.quantization import load_quantized
+
+    if timestep_scales not in TIMESTEP_SCALES:
+        raise UserError(f"unknown --timestep-scales {timestep_scales!r}; choose one of: {', '.join(TIMESTEP_SCALES)}")
+    started = time.perf_counter()
+    model, qunet, meta = load_quantized(Path(checkpoint))
+    check_target(meta["target"], target)
+    if out.exists() and not force:
+        raise UserError(f"output directory {out} already exists; pass --force to replace it")
+    lookup = qunet.context.lookup.cpu().numpy()
+    inputs = parity_inputs(qunet, model, calibration) if verify else None
+    tokens = int(inputs.encoder_hidden_states.shape[1]) if inputs is not None else None
+    example = trace.example_inputs(qunet.unet, tokens=tokens or _default_tokens(model))
+    groups = [None] if timestep_scales == "table" else list(range(int(lookup.max()) + 1))
+
+    with atomic_directory(out, force=force) as tmp:
+        graph_files: dict[str, Path] = {}
+        reports: dict[str, Any] = {}
+        all_records: list[qdq.QuantizedTensor] = []
+        float_bytes = 0
+        for group in groups:
+            key = "model" if group is None else f"group{group}"
+            if group is not None:
+                _, qunet, _ = load_quantized(Path(checkpoint))
+                _single_group(qunet, group)
+            marked, quantizers = trace.trace_marked_graph(qunet, example)
+            float_bytes = float_bytes or passes.strip_markers(marked).ByteSize()
+            graph_lookup = lookup if group is None else np.zeros_like(lookup)
+            graph, records = qdq.insert_qdq(marked, quantizers, qunet.profile, graph_lookup, OPSET)
+            graph = passes.fold_constants(graph)
+            fp32_graph = graph
+            precision = "fp32"
+            if target == "tensorrt":
+                graph = passes.to_fp16(graph)
+                precision = "fp16"
+                problems = lint.lint_tensorrt(graph)
+                if problems:
+                    raise UserError(f"the exported graph breaks TensorRT's quantization rules: {problems[0]} "
+                                    f"({len(problems)} problem(s)); the checkpoint cannot be expressed on tensorrt")
+            onnx.checker.check_model(graph, full_check=False) if graph.ByteSize() < EXTERNAL_DATA_LIMIT else None
+            path = tmp / (GRAPH_FILE if group is None else f"model.group{group}.onnx")
+            save_graph(graph, path)
+            graph_files[key] = path
+            all_records = records
+            if inputs is not None:
+                rows = inputs if group is None else _rows_of_group(inputs, lookup, group)
+                log(f"verifying {key} against the simulation on {rows.sample.shape[0]} inputs ...")
+                strict = parity.check_parity(fp32_graph, records, qunet, rows, check_optimized=target == "onnxruntime")
+                entry = strict.to_dict()
+                if precision == "fp16":
+                    shipped = parity.check_parity(graph, records, qunet, rows, code_threshold=FP16_CODE_AGREEMENT,
+                                                  error_bound=FP16_ERROR_BOUND, graph_precision="fp16", check_optimized=False)
+                    entry = {**shipped.to_dict(), "fp32_qdq_graph": strict.to_dict()}
+                reports[key] = entry
+        parity_doc = _parity_document(reports) if reports else None
+        if parity_doc is not None:
+            write_json_atomic(tmp / "parity.json", parity_doc)
+        kernel_report = None
+        if target == "onnxruntime" and "model" in graph_files:
+            from quest_export.export.kernels import integer_kernel_report
+
+            linear = len({c for r in all_records if r.kind == "activation" for c in r.consumers})
+            kernel_report = integer_kernel_report(graph_files["model"], linear)
+        seconds = round(time.perf_counter() - started, 2)
+        quant_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model."))
+        manifest = build_manifest(
+            checkpoint_dir=Path(checkpoint), checkpoint_meta=meta, target=target, opset=OPSET, graph_files=graph_files,
+            records=all_records, lookup=lookup, timestep_scales=timestep_scales, graph_precision=precision,
+            inputs={"sample": ["batch", int(example.sample.shape[1]), "height", "width"], "timestep": ["batch"],
+                    "encoder_hidden_states": ["batch", "tokens", int(example.encoder_hidden_states.shape[2])],
+                    "trace_size": list(example.sample.shape[2:]), "trace_tokens": int(example.encoder_hidden_states.shape[1])},
+            extra={"export_seconds": seconds, "fp32_onnx_bytes": float_bytes, "quantized_onnx_bytes": quant_bytes,
+                   "ort_integer_kernels": kernel_report, "parity_passed": None if parity_doc is None else parity_doc["passed"], "verified": parity_doc is not None},
+        )
+        manifest["unet_config"] = unet_config_dict(qunet.unet)
+        write_json_atomic(tmp / "manifest.json", manifest)
+        if parity_doc is not None and not parity_doc["passed"]:
+            failing = parity_doc
+            raise UserError(
+                f"parity check failed: min code agreement {failing['min_code_agreement']:.5f} (needs {failing['code_threshold']}), "
+                f"max abs error {failing['max_abs_error']:.2e} (bound {failing['error_bound']:.0e}); the export does not compute "
+                "what the simulation computes - this is a bug, please report it (nothing was written)"
+            )
+    return ExportResult(out, manifest, parity_doc)
+
+
+def unet_config_dict(unet) -> dict[str, Any]:
+    """The diffusers UNet config as plain JSON (what EngineUNet exposes as ``.config``)."""
+    import json
+
+    return json.loads(json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")}, default=list))
+
+
+def _default_tokens(model) -> int:
+    return 4 if model.is_digits else 77
+
+
+def _rows_of_group(inputs: parity.ParityInputs, lookup: np.ndarray, group: int) -> parity.ParityInputs:
+    groups = torch.from_numpy(lookup)[inputs.timestep.round().long().clamp(0, lookup.size - 1)]
+    keep = groups == group
+    return parity.ParityInputs(inputs.sample[keep], inputs.timestep[keep], inputs.encoder_hidden_states[keep])
+
+
+def _parity_document(reports: dict[str, Any]) -> dict[str, Any]:
+    """One ``parity.json``: the top-level fields summarise the worst graph."""
+    worst = min(reports.values(), key=lambda r: r["min_code_agreement"])
+    return {
+        "passed": all(r["passed"] for r in reports.values()),
+        "min_code_agreement": min(r["min_code_agreement"] for r in reports.values()),
+        "max_abs_error": max(r["max_abs_error"] for r in reports.values()),
+        "code_threshold": worst["code_threshold"],
+        "error_bound": worst["error_bound"],
+        "graph_precision": worst["graph_precision"],
+        "tensors": worst["tensors"] if len(reports) == 1 else [t for r in reports.values() for t in r["tensors"]],
+        "graphs": {k: {kk: vv for kk, vv in v.items() if kk != "tensors"} for k, v in reports.items()},
+    }

@@ -1,0 +1,38 @@
+"""Which quantized ops ONNX Runtime really runs as integer kernels after its graph optimizations."""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulNBits", "ConvInteger", "MatMulInteger")
+FLOAT_KERNELS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm")
+
+
+def optimized_op_counts(model_path: Path, level: str = "all") -> Counter:
+    """Op histogram of the graph ORT executes (optimizations applied, saved, re-read)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level.upper()}")
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="quest-ort-") as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    return Counter(node.op_type for node in graph.graph.node)
+
+
+def integer_kernel_report(model_path: Path, quantized_linear_ops: int) -> dict[str, object]:
+    """Share of the graph's quantized Conv/MatMul/Gemm ops that run as integer kernels."""
+    counts = optimized_op_counts(model_path)
+    integer = sum(counts.get(op, 0) for op in INTEGER_KERNELS)
+    return {
+        "quantized_linear_ops": quantized_linear_ops,
+        "integer_kernels": integer,
+        "integer_share": integer / quantized_linear_ops if quantized_linear_ops else 0.0,
+        "by_op": {op: counts[op] for op in INTEGER_KERNELS + FLOAT_KERNELS if counts.get(op)},
+    }

@@ -1,0 +1,238 @@
+"""Parity verification: the exported graph against the PyTorch simulation it came from.
+
+Runs the graph with ONNX Runtime (CPU) on calibration inputs that cover every timestep group and
+compares it with the simulation on the same inputs.
+
+Quantized networks amplify float round-off: two correct implementations whose convolutions sum
+in a different order (MLAS vs oneDNN, ~1e-7 relative) flip a few codes, each flip moves the next
+layer's input by a whole step, and the mismatch snowballs with depth. So the check is made
+layer-locally ("teacher forced"): every simulated activation quantizer reads the very float
+tensor the graph's quantizer read, then
+
+* per quantized tensor, the share of identical integer codes (graph QuantizeLinear output vs the
+  simulation's quantizer on the same input) must be >= 99.9%;
+* between quantizers the float computation must agree to float precision (``max_abs_error``: the
+  final noise prediction of the teacher-forced simulation vs the graph);
+* weights are compared code by code as stored.
+
+The free-running difference (simulation and graph each on their own values) is reported too, for
+information: it measures how sensitive the model is to round-off, not whether the export is right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from quest.quantize import QuantizedUNet
+from quest_export.export.qdq import QuantizedTensor
+
+MIN_CODE_AGREEMENT = 0.999
+MAX_ABS_ERROR_FP32 = 1e-3
+
+
+@dataclass
+class ParityInputs:
+    """UNet inputs (one row per sample) and their timesteps."""
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {
+            "sample": self.sample.numpy().astype(np.float32),
+            "timestep": self.timestep.float().numpy().astype(np.float32),
+            "encoder_hidden_states": self.encoder_hidden_states.numpy().astype(np.float32),
+        }
+
+
+def inputs_covering_groups(sample: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor,
+                           lookup: torch.Tensor, per_group: int = 2) -> ParityInputs:
+    """Pick up to ``per_group`` calibration rows from every timestep group (several timesteps each)."""
+    groups = lookup[timestep.round().long().clamp(0, lookup.numel() - 1)]
+    chosen: list[int] = []
+    for g in range(int(lookup.max()) + 1):
+        rows = torch.nonzero(groups == g).flatten()
+        if rows.numel():
+            picks = torch.linspace(0, rows.numel() - 1, min(per_group, rows.numel())).round().long()
+            chosen += rows[picks].tolist()
+    index = torch.tensor(chosen)
+    return ParityInputs(sample[index].float(), timestep[index].float(), states[index].float())
+
+
+def _run_simulation(qunet: QuantizedUNet, inputs: ParityInputs, names: set[str],
+                    forced: dict[str, np.ndarray] | None, factors: dict[str, list[float]] | None = None,
+                    ) -> tuple[dict[str, np.ndarray], dict[str, float], np.ndarray]:
+    """One simulation pass; with ``forced``, each named quantizer reads the graph's input tensor.
+
+    Returns the codes per quantizer, the deviation of the simulation's own input from the forced
+    one (in quantization steps), and the output.
+    """
+    factors = factors or {}
+    codes: dict[str, np.ndarray] = {}
+    deviation: dict[str, float] = {}
+    handles = []
+    modules = dict(qunet.unet.named_modules())
+    for name in names:
+        module = modules[name]
+
+        def pre_hook(mod: nn.Module, args: tuple, _name: str = name):
+            if forced is None or _name not in forced:
+                return None
+            own = args[0]
+            graph = torch.from_numpy(forced[_name]).to(own.dtype)
+            if _name in factors:  # an output quantizer reads the conv output in the rescaled domain
+                table = torch.tensor(factors[_name], dtype=own.dtype)
+                groups = mod._input.current_groups(own.shape[0], own.device)
+                graph = graph * table[groups].view(-1, *([1] * (own.dim() - 1)))
+            step = mod.sample_scale(own)
+            deviation[_name] = float(((own - graph).abs() / step).max())
+            return (graph,)
+
+        def hook(mod: nn.Module, args: tuple, _out: Any, _name: str = name) -> None:
+            codes[_name] = mod.codes(args[0]).detach().cpu().numpy()
+
+        handles += [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(hook)]
+    try:
+        with torch.no_grad():
+            out = qunet.unet(inputs.sample, inputs.timestep, encoder_hidden_states=inputs.encoder_hidden_states).sample
+    finally:
+        for handle in handles:
+            handle.remove()
+    return codes, deviation, out.float().numpy()
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[tuple[str, int]]) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    existing = {o.name for o in copy.graph.output}
+    for name, elem in names:
+        if name not in existing:
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+            existing.add(name)
+    return copy
+
+
+def ort_session(model: onnx.ModelProto, optimize: bool, threads: int = 0):
+    """A CPU session on an in-memory model (optimised as the engine would be, or not at all)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class ParityReport:
+    min_code_agreement: float
+    max_abs_error: float
+    free_running_max_abs_error: float
+    optimized_max_abs_error: float | None
+    output_max_abs: float
+    samples: int
+    timesteps: list[int]
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    code_threshold: float = MIN_CODE_AGREEMENT
+    error_bound: float = MAX_ABS_ERROR_FP32
+    graph_precision: str = "fp32"
+
+    @property
+    def passed(self) -> bool:
+        return self.min_code_agreement >= self.code_threshold and self.max_abs_error <= self.error_bound
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "graph_precision": self.graph_precision,
+            "min_code_agreement": self.min_code_agreement,
+            "code_threshold": self.code_threshold,
+            "max_abs_error": self.max_abs_error,
+            "error_bound": self.error_bound,
+            "free_running_max_abs_error": self.free_running_max_abs_error,
+            "optimized_free_running_max_abs_error": self.optimized_max_abs_error,
+            "output_max_abs": self.output_max_abs,
+            "samples": self.samples,
+            "timesteps": self.timesteps,
+            "method": "teacher-forced: each simulated quantizer reads the graph's own input tensor",
+            "tensors": self.tensors,
+        }
+
+
+def _weight_agreement(model: onnx.ModelProto, record: QuantizedTensor, qunet: QuantizedUNet) -> dict[str, Any]:
+    weights = {init.name: init for init in model.graph.initializer}
+    stored = onnx.numpy_helper.to_array(weights[record.codes]).astype(np.int32)
+    if record.transposed:
+        stored = stored.T
+    layer = dict(qunet.unet.named_modules())[record.name.rsplit(".", 1)[0]]
+    want = layer.weight_quantizer.codes(layer.weight.detach().float()).numpy().astype(np.int32)
+    same = stored.shape == want.shape
+    return {"name": record.name, "kind": "weight", "bits": record.bits,
+            "code_agreement": float((stored == want).mean()) if same else 0.0,
+            "max_code_diff": int(np.abs(stored - want).max()) if same else None}
+
+
+def check_parity(model: onnx.ModelProto, records: list[QuantizedTensor], qunet: QuantizedUNet, inputs: ParityInputs,
+                 *, code_threshold: float = MIN_CODE_AGREEMENT, error_bound: float = MAX_ABS_ERROR_FP32,
+                 graph_precision: str = "fp32", check_optimized: bool = True) -> ParityReport:
+    """Compare the graph with the simulation (see the module docstring for the method)."""
+    active = [r for r in records if r.kind != "weight"]
+    sources = {r.name: r.source for r in active}
+    factors = {r.name: r.source_factors for r in active if r.source_factors}
+    float_elem = onnx.TensorProto.FLOAT16 if graph_precision == "fp16" else onnx.TensorProto.FLOAT
+    extra = [(r.codes, onnx.TensorProto.INT8 if r.signed else onnx.TensorProto.UINT8) for r in active]
+    extra += [(s, float_elem) for s in sources.values() if s not in ("sample", "encoder_hidden_states")]
+    feeds = inputs.feeds()  # graph inputs and outputs are FP32 on both targets
+    session = ort_session(_with_outputs(model, extra), optimize=False)
+    names = [o.name for o in session.get_outputs()]
+    results = dict(zip(names, session.run(None, feeds)))
+    results.update({k: v for k, v in feeds.items()})
+    graph_out = results[names[0]].astype(np.float32)
+
+    forced = {name: results[src].astype(np.float32) for name, src in sources.items()}
+    codes, deviation, forced_out = _run_simulation(qunet, inputs, {r.name for r in active}, forced, factors)
+    _, _, free_out = _run_simulation(qunet, inputs, set(), None)
+
+    tensors = []
+    for record in active:
+        got = results[record.codes].astype(np.int32)
+        want = codes[record.name].astype(np.int32)
+        same = got.shape == want.shape
+        tensors.append({
+            "name": record.name, "kind": record.kind, "bits": record.bits, "timestep_groups": record.timestep_groups,
+            "code_agreement": float((got == want).mean()) if same else 0.0,
+            "max_code_diff": int(np.abs(got - want).max()) if same else None,
+            "input_deviation_steps": deviation.get(record.name),
+        })
+    tensors += [_weight_agreement(model, r, qunet) for r in records if r.kind == "weight"]
+
+    optimized_error = None
+    if check_optimized:
+        try:
+            fused = ort_session(model, optimize=True).run(None, feeds)[0].astype(np.float32)
+            optimized_error = float(np.abs(fused - free_out).max())
+        except Exception:  # noqa: BLE001 - ORT's optimizer cannot rewrite some int8 graphs; informational only
+            optimized_error = None
+    return ParityReport(
+        min_code_agreement=min((t["code_agreement"] for t in tensors), default=1.0),
+        max_abs_error=float(np.abs(graph_out - forced_out).max()),
+        free_running_max_abs_error=float(np.abs(graph_out - free_out).max()),
+        optimized_max_abs_error=optimized_error,
+        output_max_abs=float(np.abs(free_out).max()),
+        samples=int(inputs.sample.shape[0]),
+        timesteps=sorted({int(t) for t in inputs.timestep.round().long().tolist()}),
+        tensors=tensors,
+        code_threshold=code_threshold,
+        error_bound=error_bound,
+        graph_precision=graph_precision,
+    )

@@ -1,0 +1,281 @@
+"""Replace quantizer markers with the target's Q/DQ nodes.
+
+Weights become integer initializers (codes computed by the simulation's own weight quantizer)
+read through ``DequantizeLinear`` with per-output-channel scales. Activations become
+``[Mul(f_t)] -> [Clip] -> QuantizeLinear -> DequantizeLinear`` with one constant scale; where the
+quantizer has a per-timestep table, the linear op it feeds is followed by ``Mul(1 / f_t)``
+(timestep_tables.py). Sub-8-bit activation grids live in 8-bit containers: an exact Clip to the
+grid before Q (clipping at ``q * s0`` bounds equals clamping the rounded code).
+
+A quantizer the target cannot express is refused here with a clear message, never changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from torch import nn
+
+from quest.profiles import TargetProfile
+from quest.quantizers import ActivationQuantizer, TiedOutputQuantizer, WeightQuantizer
+from quest_export.errors import UserError
+from quest_export.export.markers import MARK_DOMAIN, MARK_OP
+from quest_export.export.timestep_tables import TimestepGroups, reference_scale, rescale_factors
+
+LINEAR_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
+LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+
+
+class ExportError(UserError):
+    """The checkpoint cannot be expressed on the requested target."""
+
+
+@dataclass
+class QuantizedTensor:
+    """One quantized tensor of the exported graph (the manifest's and parity report's unit)."""
+
+    name: str  # quantizer module name in the torch model
+    kind: str  # weight | activation | output
+    bits: int
+    signed: bool
+    granularity: str  # per-channel | per-tensor
+    storage: str  # int8 | uint8 | int4
+    timestep_groups: int = 1
+    codes: str = ""  # graph tensor holding the integer codes (QuantizeLinear output / weight initializer)
+    consumers: list[str] = field(default_factory=list)
+    source: str = ""  # graph tensor the quantizer reads (the simulation quantizer's input)
+    source_factors: list[float] | None = None  # per group: source tensor * factor = the simulation's input
+    transposed: bool = False  # weight codes stored transposed (a Linear read by MatMul as (in, out))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor, by ONNX shape inference with markers read as Identity."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.domain == MARK_DOMAIN and node.op_type == MARK_OP:
+            node.domain, node.op_type = "", "Identity"
+            del node.attribute[:]
+    inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False)
+    ranks: dict[str, int] = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape"):
+            ranks[info.name] = len(tensor_type.shape.dim)
+    return ranks
+
+
+def _redirect(graph: gs.Graph, old: gs.Variable, new: gs.Variable) -> None:
+    """Every reader of ``old`` (and the graph outputs) reads ``new`` instead."""
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(list(consumer.inputs)):
+            if tensor is old:
+                consumer.inputs[index] = new
+    graph.outputs = [new if t is old else t for t in graph.outputs]
+
+
+class QDQBuilder:
+    """Rewrites one marked graph for one target profile."""
+
+    def __init__(self, graph: gs.Graph, quantizers: dict[str, nn.Module], profile: TargetProfile,
+                 lookup: np.ndarray, ranks: dict[str, int]) -> None:
+        self.graph = graph
+        self.quantizers = quantizers
+        self.profile = profile
+        self.ranks = ranks
+        self.groups = TimestepGroups(graph, lookup)
+        self.records: list[QuantizedTensor] = []
+        self._inverse: dict[str, list[np.ndarray]] = {}  # linear node name -> factor tables of its inputs
+        self._linear_nodes: dict[str, gs.Node] = {}
+        self._output_markers: dict[str, gs.Variable] = {}  # linear node name -> output DQ variable
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _const(self, name: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(name, np.ascontiguousarray(value))
+
+    def _zero_point(self, name: str, value: float, signed: bool) -> gs.Constant:
+        if value != round(value):
+            raise ExportError(f"{name}: zero point {value} is not an integer; the checkpoint is damaged")
+        dtype = np.int8 if signed else np.uint8
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            raise ExportError(f"{name}: zero point {value} does not fit {dtype.__name__}")
+        return self._const(f"{name}.zero_point", np.array(int(value), dtype))
+
+    def _qdq(self, name: str, x: gs.Tensor, out: gs.Variable, scale: float, zero_point: float, spec) -> str:
+        """``x -> [Clip] -> Q -> DQ -> out``; returns the codes tensor name."""
+        g = self.graph
+        if not scale > 0 or not np.isfinite(scale):
+            raise ExportError(f"{name}: scale {scale} is not a positive finite number; the checkpoint is damaged")
+        scale_c = self._const(f"{name}.scale", np.array(scale, np.float32))
+        zp = self._zero_point(name, zero_point, spec.signed)
+        container = np.iinfo(np.int8 if spec.signed else np.uint8)
+        if spec.qmin > container.min or spec.qmax < container.max:
+            lo = np.float32((spec.qmin - zero_point) * np.float32(scale))
+            hi = np.float32((spec.qmax - zero_point) * np.float32(scale))
+            x = g.layer(op="Clip", name=f"{name}/Clip", inputs=[x, self._const(f"{name}.lo", np.array(lo)),
+                        self._const(f"{name}.hi", np.array(hi))], outputs=[gs.Variable(f"{name}.clipped")])[0]
+        codes = gs.Variable(f"quest_codes/{name}", np.int8 if spec.signed else np.uint8)
+        g.layer(op="QuantizeLinear", name=f"{name}/Q", inputs=[x, scale_c, zp], outputs=[codes])
+        g.layer(op="DequantizeLinear", name=f"{name}/DQ", inputs=[codes, scale_c, zp], outputs=[out])
+        return codes.name
+
+    def _table(self, quantizer: ActivationQuantizer) -> tuple[np.ndarray, float]:
+        table = quantizer.scale.detach().double().cpu().numpy()
+        if not np.all(np.isfinite(table)) or not np.all(table > 0):
+            raise ExportError(f"activation scales {table.tolist()} are not all positive and finite; the checkpoint is damaged")
+        s0 = reference_scale(table) if table.size > 1 else float(table[0])
+        return table, s0
+
+    def _linear_consumers(self, start: gs.Variable, name: str) -> list[gs.Node]:
+        """The Conv/MatMul/Gemm nodes a rescaled activation reaches through layout-only ops."""
+        found, frontier, seen = [], [start], set()
+        while frontier:
+            var = frontier.pop()
+            for node in var.outputs:
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op in LINEAR_OPS:
+                    found.append(node)
+                elif node.op in LAYOUT_OPS and node.inputs[0] is var:
+                    frontier.extend(node.outputs)
+                elif node.op in ("Shape",) or (node.op in LAYOUT_OPS and node.inputs[0] is not var):
+                    continue  # reads only the shape
+                else:
+                    raise ExportError(
+                        f"{name}: its per-timestep scale cannot be expressed on this graph (the value reaches "
+                        f"{node.op} before a linear op); export with one timestep group or use --timestep-scales per-engine"
+                    )
+        if not found:
+            raise ExportError(f"{name}: quantized tensor feeds no Conv/MatMul/Gemm")
+        return found
+
+    # -- markers -------------------------------------------------------------------------------
+    def weight(self, node: gs.Node, name: str, quantizer: WeightQuantizer) -> None:
+        source, out = node.inputs[0], node.outputs[0]
+        if not isinstance(source, gs.Constant):
+            raise ExportError(f"{name}: weight is not a constant initializer")
+        weight = torch.from_numpy(np.array(source.values, dtype=np.float32))
+        codes = quantizer.codes(weight).numpy().astype(np.int8)
+        scales = quantizer.scale.detach().float().cpu().numpy()
+        if not np.all(scales > 0) or not np.all(np.isfinite(scales)):
+            raise ExportError(f"{name}: weight scales are not all positive and finite; the checkpoint is damaged")
+        axis = 0
+        node.inputs.clear()
+        node.outputs.clear()
+        readers = list(out.outputs)
+        if len(readers) == 1 and readers[0].op == "Transpose" and list(readers[0].attrs.get("perm", [])) == [1, 0]:
+            transpose = readers[0]
+            codes, axis = codes.T, 1  # fold the Linear's transpose into the integer initializer
+            out = transpose.outputs[0]
+            transpose.inputs.clear()
+            transpose.outputs.clear()
+        codes_c = self._const(f"quest_codes/{name}", codes)
+        zp = self._const(f"{name}.zero_point", np.zeros(scales.shape, np.int8))
+        self.graph.layer(op="DequantizeLinear", name=f"{name}/DQ", inputs=[codes_c, self._const(f"{name}.scale", scales), zp],
+                         outputs=[out], attrs={"axis": axis})
+        self.records.append(QuantizedTensor(name, "weight", quantizer.spec.bits, True, "per-channel", "int8",
+                                            codes=codes_c.name, consumers=[n.name for n in out.outputs],
+                                            transposed=axis == 1))
+
+    def activation(self, node: gs.Node, name: str, quantizer: ActivationQuantizer) -> None:
+        x, out = node.inputs[0], node.outputs[0]
+        source = x.name
+        node.inputs.clear()
+        node.outputs.clear()
+        table, s0 = self._table(quantizer)
+        if table.size > 1:
+            rank = self.ranks.get(out.name)
+            if rank is None:
+                raise ExportError(f"{name}: cannot infer the rank of its tensor")
+            factor = self.groups.factor(rescale_factors(table, s0), rank, f"{name}.timestep_factor")
+            x = self.graph.layer(op="Mul", name=f"{name}/Rescale", inputs=[x, factor],
+                                 outputs=[gs.Variable(f"{name}.rescaled")])[0]
+        codes = self._qdq(name, x, out, s0, float(quantizer.zero_point), quantizer.spec)
+        consumers = self._linear_consumers(out, name)
+        if table.size > 1:
+            for linear in consumers:
+                self._inverse.setdefault(linear.name, []).append(rescale_factors(table, s0))
+                self._linear_nodes[linear.name] = linear
+        self.records.append(QuantizedTensor(
+            name, "activation", quantizer.spec.bits, quantizer.spec.signed, "per-tensor",
+            "int8" if quantizer.spec.signed else "uint8", int(table.size), codes, [n.name for n in consumers], source))
+
+    def output(self, node: gs.Node, name: str, quantizer: TiedOutputQuantizer) -> None:
+        y, out = node.inputs[0], node.outputs[0]
+        producer = y.inputs[0] if y.inputs else None
+        if producer is None or producer.op not in LINEAR_OPS:
+            raise ExportError(f"{name}: output quantizer does not follow a Conv/MatMul")
+        node.inputs.clear()
+        node.outputs.clear()
+        table, s0 = self._table(quantizer._input)
+        scale = s0 * float(quantizer.log_ratio.detach().exp())
+        codes = self._qdq(name, y, out, scale, float(quantizer.zero_point), quantizer.spec)
+        self._output_markers[producer.name] = out
+        unscale = (1.0 / rescale_factors(table, s0)).tolist() if table.size > 1 else None
+        self.records.append(QuantizedTensor(
+            name, "output", quantizer.spec.bits, quantizer.spec.signed, "per-tensor",
+            "int8" if quantizer.spec.signed else "uint8", int(table.size), codes, [producer.name], y.name, unscale))
+
+    def finish_rescaling(self) -> None:
+        """After every rescaled linear op (or its output Q/DQ), divide by the input factors."""
+        for node_name, tables in self._inverse.items():
+            node = self._linear_nodes[node_name]
+            inverse = np.float32(1.0) / np.prod(np.stack(tables), axis=0).astype(np.float32)
+            after = self._output_markers.get(node_name, node.outputs[0])
+            rank = self.ranks.get(node.outputs[0].name)
+            if rank is None:
+                raise ExportError(f"cannot infer the rank of the output of {node_name}")
+            factor = self.groups.factor(inverse, rank, f"{node_name}.timestep_unscale")
+            restored = gs.Variable(f"{after.name}.unscaled")
+            _redirect(self.graph, after, restored)
+            self.graph.layer(op="Mul", name=f"{node_name}/Unscale", inputs=[after, factor], outputs=[restored])
+
+    def run(self) -> list[QuantizedTensor]:
+        marks = [n for n in self.graph.nodes if n.op == MARK_OP and n.domain == MARK_DOMAIN]
+        order = {"weight": 0, "activation": 1, "output": 2}
+        marks.sort(key=lambda n: order[n.attrs["kind"]])
+        for node in marks:
+            name, kind = node.attrs["name"], node.attrs["kind"]
+            quantizer = self.quantizers.get(name)
+            if quantizer is None:
+                raise ExportError(f"marker {name} has no quantizer")
+            getattr(self, kind)(node, name, quantizer)
+        self.finish_rescaling()
+        self._resolve_sources()
+        self.graph.cleanup().toposort()
+        return self.records
+
+    def _resolve_sources(self) -> None:
+        """Point each activation record at the tensor its quantizer chain reads now (after unscaling
+        Muls were inserted upstream, that is the unscaled value the simulation sees)."""
+        nodes = {n.name: n for n in self.graph.nodes}
+        for record in self.records:
+            if record.kind != "activation":
+                continue
+            for suffix in ("/Rescale", "/Clip", "/Q"):
+                first = nodes.get(record.name + suffix)
+                if first is not None:
+                    record.source = first.inputs[0].name
+                    break
+
+
+def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, nn.Module], profile: TargetProfile,
+               lookup: np.ndarray, opset: int = 21) -> tuple[onnx.ModelProto, list[QuantizedTensor]]:
+    """The marked float graph -> the target's Q/DQ graph, plus one record per quantized tensor."""
+    ranks = tensor_ranks(model)
+    graph = gs.import_onnx(model)
+    records = QDQBuilder(graph, quantizers, profile, lookup, ranks).run()
+    out = gs.export_onnx(graph, do_type_check=False)
+    del out.opset_import[:]
+    out.opset_import.extend([onnx.helper.make_opsetid("", opset)])
+    out.ir_version = 10  # opset 21 needs IR >= 10; ONNX Runtime 1.31 reads up to 13
+    return out, records

@@ -1,0 +1,105 @@
+"""``EngineUNet``: a built engine in place of ``pipe.unet`` in any diffusers pipeline.
+
+It exposes what pipelines read from a UNet (``config``, ``dtype``, ``device``) and the
+``forward(sample, timestep, encoder_hidden_states, ..., return_dict)`` signature returning
+``UNet2DConditionOutput``. Timesteps may be int or float, scalar or per sample (the engine maps
+them to its scale tables itself), so every scheduler and step count works; shapes are checked
+against the engine's build profile before any compute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch import nn
+
+from quest_export.engine.manifest import check_backend, read_engine_manifest
+from quest_export.engine.profiles import BuildProfile
+from quest_export.errors import UserError
+
+UNSUPPORTED_KWARGS = ("timestep_cond", "added_cond_kwargs", "down_block_additional_residuals",
+                      "mid_block_additional_residual", "down_intrablock_additional_residuals", "encoder_attention_mask",
+                      "class_labels", "attention_mask")
+
+
+class EngineUNet(nn.Module):
+    """Drop-in replacement for ``UNet2DConditionModel`` backed by a built engine."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], runner: Any) -> None:
+        super().__init__()
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.runner = runner
+        self.backend = manifest["backend"]
+        self.profile = BuildProfile.from_dict(manifest["profile"])
+        self._config = FrozenDict(manifest["unet_config"])
+        self._device = torch.device("cuda" if self.backend == "tensorrt" else "cpu")
+
+    @classmethod
+    def from_engine(cls, directory: Path, backend: str | None = None, threads: int | None = None) -> "EngineUNet":
+        """Load and verify an engine directory (hashes, backend, device) and open its runtime."""
+        manifest = read_engine_manifest(directory)
+        check_backend(manifest, backend)
+        if manifest["backend"] == "onnxruntime":
+            from quest_export.engine.onnxruntime_backend import OrtRunner
+
+            runner = OrtRunner(Path(directory), manifest, threads=threads)
+        elif manifest["backend"] == "tensorrt":
+            from quest_export.engine.tensorrt_backend import TrtRunner
+
+            runner = TrtRunner(Path(directory), manifest)
+        else:
+            raise UserError(f"engine backend {manifest['backend']!r} is unknown to this version; rebuild the engine")
+        return cls(Path(directory), manifest, runner)
+
+    # -- what pipelines read -----------------------------------------------------------------
+    @property
+    def config(self) -> FrozenDict:
+        return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # -- the call ------------------------------------------------------------------------------
+    def forward(  # noqa: D417 - the diffusers signature
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        used = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+        if used or (cross_attention_kwargs and cross_attention_kwargs.get("scale", 1.0) != 1.0):
+            raise UserError(f"the engine UNet does not take {', '.join(used) or 'cross_attention_kwargs scale'}; "
+                            "these change the network and are fixed when the engine is built")
+        batch, _, height, width = sample.shape
+        if encoder_hidden_states.shape[0] != batch:
+            raise UserError(f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} != sample batch {batch}")
+        self.profile.check_inputs(batch, height, width, int(encoder_hidden_states.shape[1]))
+        t = torch.as_tensor(timestep).reshape(-1).to(torch.float32)
+        t = t.expand(batch) if t.numel() == 1 else t
+        for name, tensor in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
+            if not torch.isfinite(tensor).all():
+                raise UserError(f"{name} contains NaN or Inf; check the scheduler and inputs")
+        if self.backend == "tensorrt":
+            out = self.runner(sample.float(), t, encoder_hidden_states.float())
+        else:
+            out = torch.from_numpy(self.runner(
+                np.ascontiguousarray(sample.detach().float().cpu().numpy()),
+                np.ascontiguousarray(t.cpu().numpy()),
+                np.ascontiguousarray(encoder_hidden_states.detach().float().cpu().numpy()),
+            ))
+        out = out.to(device=sample.device, dtype=sample.dtype)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)

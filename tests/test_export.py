@@ -1,0 +1,232 @@
+"""`quest-export export`: Q/DQ graphs for both targets, parity with the simulation, lint, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import assert_one_line_error
+
+
+def _finetune(run_cli, out: Path, calibration: Path, bits: str, target: str, *extra: str) -> Path:
+    result = run_cli("finetune", "--model", "digits", "--bits", bits, "--method", "ptq-timestep", "--target", target,
+                     "--calibration", calibration, "--out", out, *extra)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, digits_calibration: Path) -> dict[str, Path]:
+    """ptq-timestep digits checkpoints: W4A4 onnxruntime (10 groups) and W4A8 tensorrt (2 groups)."""
+    from conftest import CliResult  # noqa: F401 - the runner's result type
+
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("export-ckpt")
+
+    def run_cli(*args):
+        return subprocess.run([sys.executable, "-m", "quest_export.cli", *map(str, args)], capture_output=True, text=True)
+
+    return {
+        "onnxruntime": _finetune(run_cli, root / "ort-w4a4", digits_calibration, "w4a4", "onnxruntime"),
+        "tensorrt": _finetune(run_cli, root / "trt-w4a8", digits_calibration, "w4a8", "tensorrt", "--timestep-groups", "2"),
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, checkpoints: dict[str, Path], digits_calibration: Path) -> dict[str, Path]:
+    from quest_export.export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp("exported")
+    out = {}
+    for target, ckpt in checkpoints.items():
+        out[target] = root / target
+        export_checkpoint(ckpt, target, out[target], calibration=digits_calibration, log=lambda _: None)
+    return out
+
+
+def test_onnxruntime_export_matches_simulation_and_runs_integer_kernels(exported: dict[str, Path]) -> None:
+    directory = exported["onnxruntime"]
+    parity = json.loads((directory / "parity.json").read_text())
+    assert parity["passed"] and parity["min_code_agreement"] >= 0.999 and parity["max_abs_error"] < 1e-3
+    kinds = {t["kind"] for t in parity["tensors"]}
+    assert kinds == {"weight", "activation", "output"}
+    assert all(t["code_agreement"] >= 0.999 for t in parity["tensors"])
+    groups = parity["graphs"]["model"]["timesteps"]
+    assert len(groups) >= 10  # rows from every timestep group
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["target"] == "onnxruntime" and manifest["opset"] == 21 and manifest["timestep_grid"]["num_groups"] == 10
+    assert manifest["graphs"]["model"]["sha256"] and manifest["source_checkpoint"]["tensors_sha256"]
+    assert manifest["quantized_onnx_bytes"] < 0.5 * manifest["fp32_onnx_bytes"]
+    kernels = manifest["ort_integer_kernels"]
+    assert kernels["integer_share"] >= 0.9 and kernels["by_op"].get("QLinearConv", 0) > 0
+    layer = manifest["layers"]["conv_in"]
+    assert layer["weight"]["storage"] == "int8" and layer["input"]["storage"] == "uint8" and layer["output"]["bits"] == 8
+
+    model = onnx.load(str(directory / "model.onnx"))
+    weights = [i for i in model.graph.initializer if i.name.startswith("quest_codes/")]
+    assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
+    assert any(i.name == "quest_timestep_lookup" for i in model.graph.initializer)
+    assert [p.name for p in directory.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_tensorrt_export_is_fp16_passes_lint_and_strict_fp32_parity(exported: dict[str, Path]) -> None:
+    from quest_export.export.lint import lint_tensorrt
+
+    directory = exported["tensorrt"]
+    model = onnx.load(str(directory / "model.onnx"))
+    assert lint_tensorrt(model) == []
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert {i.name: i.type.tensor_type.elem_type for i in model.graph.input}["sample"] == onnx.TensorProto.FLOAT
+    zero_points = [i for i in model.graph.initializer if i.name.endswith(".zero_point")]
+    assert zero_points and all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)
+    parity = json.loads((directory / "parity.json").read_text())
+    strict = parity["graphs"]["model"]["fp32_qdq_graph"]
+    assert strict["passed"] and strict["min_code_agreement"] >= 0.999 and strict["max_abs_error"] < 1e-3
+    assert parity["passed"] and parity["graph_precision"] == "fp16" and parity["min_code_agreement"] >= 0.97
+
+
+def test_per_engine_timestep_scales_write_one_graph_per_group(checkpoints: dict[str, Path], digits_calibration: Path, tmp_path: Path) -> None:
+    from quest_export.export.exporter import export_checkpoint
+
+    result = export_checkpoint(checkpoints["tensorrt"], "tensorrt", tmp_path / "per", timestep_scales="per-engine",
+                               calibration=digits_calibration, log=lambda _: None)
+    assert sorted(result.manifest["graphs"]) == ["group0", "group1"]
+    assert result.parity["passed"]
+    model = onnx.load(str(tmp_path / "per" / "model.group0.onnx"))
+    assert not any(i.name.endswith("timestep_factor_table") for i in model.graph.initializer)
+
+
+def test_export_refuses_a_target_the_checkpoint_was_not_made_for(run_cli, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    result = run_cli("export", checkpoints["tensorrt"], "--target", "onnxruntime", "--out", tmp_path / "x")
+    assert_one_line_error(result, 2, "made for target 'tensorrt'")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate-tensors", "edit-model-hash", "drop-meta"])
+def test_export_refuses_damaged_or_foreign_checkpoints(run_cli, checkpoints: dict[str, Path], tmp_path: Path, damage: str) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["onnxruntime"], ckpt)
+    if damage == "truncate-tensors":
+        data = (ckpt / "quant.safetensors").read_bytes()
+        (ckpt / "quant.safetensors").write_bytes(data[: len(data) // 2])
+        expected = "damaged"
+    elif damage == "edit-model-hash":
+        meta = json.loads((ckpt / "quant.json").read_text())
+        meta["model"]["content_hash"] = "0" * 64
+        (ckpt / "quant.json").write_text(json.dumps(meta))
+        expected = "different 'digits' model"
+    else:
+        (ckpt / "quant.json").unlink()
+        expected = "not a quantized checkpoint"
+    result = run_cli("export", ckpt, "--target", "onnxruntime", "--out", tmp_path / "x")
+    assert_one_line_error(result, 2, expected)
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_unwritable_or_existing_output(run_cli, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(run_cli("export", checkpoints["onnxruntime"], "--out", blocker / "sub"), 2, "")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert_one_line_error(run_cli("export", checkpoints["onnxruntime"], "--out", existing), 2, "--force")
+
+
+def test_tiny_sd_checkpoint_exports_and_verifies(run_cli, tiny_sd_dir: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    result = run_cli("finetune", "--model", tiny_sd_dir, "--bits", "w8a8", "--method", "ptq-timestep",
+                     "--target", "onnxruntime", "--out", ckpt)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("export", ckpt, "--target", "onnxruntime", "--out", tmp_path / "onnx")
+    assert result.returncode == 0, result.stderr
+    assert "parity PASSED" in result.stdout
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["parity_passed"] and manifest["export_seconds"] > 0 and manifest["fp32_onnx_bytes"] > manifest["quantized_onnx_bytes"]
+
+
+# -- engines and the runtime ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ort_engine(tmp_path_factory, exported: dict[str, Path]) -> Path:
+    from quest_export.engine.build import build_engine
+
+    out = tmp_path_factory.mktemp("engines") / "digits-ort"
+    manifest = build_engine(exported["onnxruntime"], "onnxruntime", out, log=lambda _: None)
+    assert manifest["backend"] == "onnxruntime" and "model.ort.onnx" in manifest["files"]
+    return out
+
+
+def test_engine_unet_drops_into_the_digits_pipeline_with_euler(ort_engine: Path) -> None:
+    import torch
+    from diffusers import EulerDiscreteScheduler
+
+    from quest_export.quantization import load_quantized
+    from quest_export.runtime.load import load_engine_model
+
+    loaded = load_engine_model(ort_engine)
+    pipe = loaded.pipeline
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    images = pipe([0, 1, 2, 3], num_inference_steps=7, guidance_scale=2.0, latents=noise, output_type="pt").images
+    assert images.shape == (4, 1, 16, 16) and torch.isfinite(images).all()
+    # against the simulation of the same checkpoint, same scheduler and noise
+    sim, _, _ = load_quantized(Path(loaded.pipeline.unet.manifest["source_checkpoint"]["path"]))
+    sim.pipeline.scheduler = EulerDiscreteScheduler.from_config(sim.pipeline.scheduler.config)
+    reference = sim.pipeline([0, 1, 2, 3], num_inference_steps=7, guidance_scale=2.0, latents=noise, output_type="pt").images
+    mse = float(((images - reference) ** 2).mean())
+    assert 10 * np.log10(1.0 / max(mse, 1e-12)) > 25
+
+
+def test_engine_loading_refuses_damage_and_foreign_backends(ort_engine: Path, tmp_path: Path) -> None:
+    import torch
+
+    from quest_export.errors import UserError
+    from quest_export.runtime.engine_unet import EngineUNet
+
+    with pytest.raises(UserError, match="built for backend 'onnxruntime'"):
+        EngineUNet.from_engine(ort_engine, backend="tensorrt")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ort_engine, damaged)
+    with open(damaged / "model.ort.onnx", "ab") as handle:
+        handle.write(b"x")
+    with pytest.raises(UserError, match="does not match the hash"):
+        EngineUNet.from_engine(damaged)
+    (damaged / "model.ort.onnx").unlink()
+    with pytest.raises(UserError, match="is missing"):
+        EngineUNet.from_engine(damaged)
+    unet = EngineUNet.from_engine(ort_engine)
+    with pytest.raises(UserError, match="outside the engine's build profile"):
+        unet(torch.zeros(2, 1, 32, 32), 10, torch.zeros(2, 4, 32))
+
+
+def test_tensorrt_backend_absent_is_one_clear_line(run_cli, exported: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    result = run_cli("build-engine", exported["tensorrt"], "--backend", "tensorrt", "--out", tmp_path / "trt")
+    assert_one_line_error(result, 2, "TensorRT is not installed")
+    assert not (tmp_path / "trt").exists()
+
+
+def test_build_profile_shapes_and_validation() -> None:
+    from quest_export.engine.profiles import BuildProfile, load_profile
+    from quest_export.errors import UserError
+
+    profile = load_profile("sd15-512")
+    shapes = profile.shapes(4, 768)
+    assert shapes["sample"] == ((1, 4, 64, 64), (2, 4, 64, 64), (8, 4, 96, 96))
+    assert shapes["encoder_hidden_states"][2] == (8, 77, 768)
+    with pytest.raises(UserError, match="min <= opt <= max"):
+        BuildProfile.from_dict({**profile.to_dict(), "batch": {"min": 4, "opt": 2, "max": 8}})
+    with pytest.raises(UserError, match="not found"):
+        load_profile("no-such-profile")
