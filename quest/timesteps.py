@@ -19,6 +19,13 @@ def uniform_group_lookup(num_groups: int, num_train_timesteps: int = 1000) -> to
     return torch.clamp(t * num_groups // num_train_timesteps, max=num_groups - 1).long()
 
 
+def groups_for(lookup: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
+    """Group of each timestep (int or float): ``lookup[clip(round(t), 0, N-1)]``, flattened.
+    The exported graph computes exactly this from its ``timestep`` input."""
+    t = torch.as_tensor(timestep, device=lookup.device).reshape(-1)
+    return lookup[t.round().long().clamp(0, lookup.numel() - 1)]
+
+
 class TimestepContext(nn.Module):
     """Holds the lookup table and the current per-sample group indices during a forward pass.
 
@@ -42,9 +49,7 @@ class TimestepContext(nn.Module):
 
     def group_of(self, timestep: torch.Tensor | float | int, batch: int) -> torch.Tensor:
         """Group index per sample (shape ``(batch,)``) for int or float timesteps."""
-        t = torch.as_tensor(timestep, device=self.lookup.device)
-        t = t.reshape(-1).round().long().clamp(0, self.lookup.numel() - 1)
-        groups = self.lookup[t]
+        groups = groups_for(self.lookup, timestep)
         return groups.expand(batch) if groups.numel() == 1 else groups
 
     def set(self, timestep: torch.Tensor | float | int, batch: int) -> None:

@@ -188,7 +188,9 @@ def _default_tokens(model) -> int:
 
 
 def _rows_of_group(inputs: parity.ParityInputs, lookup: np.ndarray, group: int) -> parity.ParityInputs:
-    groups = torch.from_numpy(lookup)[inputs.timestep.round().long().clamp(0, lookup.size - 1)]
+    from quest.timesteps import groups_for
+
+    groups = groups_for(torch.from_numpy(lookup), inputs.timestep)
     keep = groups == group
     return parity.ParityInputs(inputs.sample[keep], inputs.timestep[keep], inputs.encoder_hidden_states[keep])
 

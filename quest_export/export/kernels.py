@@ -12,17 +12,13 @@ INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatM
 FLOAT_KERNELS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm")
 
 
-def optimized_op_counts(model_path: Path, level: str = "all") -> Counter:
-    """Op histogram of the graph ORT executes (optimizations applied, saved, re-read)."""
-    import onnxruntime as ort
+def optimized_op_counts(model_path: Path) -> Counter:
+    """Op histogram of the graph ORT executes: the ONNX Runtime engine build, into a scratch folder."""
+    from quest_export.engine.onnxruntime_backend import build
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level.upper()}")
-    options.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="quest-ort-") as tmp:
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        graph = onnx.load(options.optimized_model_filepath, load_external_data=False)
+        fields = build(Path(model_path), Path(tmp), {})
+        graph = onnx.load(str(Path(tmp) / fields["model_file"]), load_external_data=False)
     return Counter(node.op_type for node in graph.graph.node)
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from quest.quantize import QuantizedUNet
+from quest.timesteps import groups_for
 from quest_export.export.qdq import QuantizedTensor
 
 MIN_CODE_AGREEMENT = 0.999
@@ -55,7 +56,7 @@ class ParityInputs:
 def inputs_covering_groups(sample: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor,
                            lookup: torch.Tensor, per_group: int = 2) -> ParityInputs:
     """Pick up to ``per_group`` calibration rows from every timestep group (several timesteps each)."""
-    groups = lookup[timestep.round().long().clamp(0, lookup.numel() - 1)]
+    groups = groups_for(lookup, timestep)
     chosen: list[int] = []
     for g in range(int(lookup.max()) + 1):
         rows = torch.nonzero(groups == g).flatten()
@@ -123,13 +124,9 @@ def ort_session(model: onnx.ModelProto, optimize: bool, threads: int = 0):
     """A CPU session on an in-memory model (optimised as the engine would be, or not at all)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+    from quest_export.engine.onnxruntime_backend import session_options
+
+    options = session_options(threads, optimize=optimize)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

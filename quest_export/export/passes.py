@@ -1,5 +1,6 @@
 """Small graph passes, each with one job (and its own test).
 
+* :func:`redirect` - make every reader of one tensor read another (the one graph edit all passes share).
 * :func:`strip_markers` - the plain float graph (markers bypassed): the FP32 baseline engine and
   the size reference.
 * :func:`fold_constants` - fold constant subgraphs (shape arithmetic) while keeping every
@@ -20,16 +21,21 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 IR_VERSION = 10  # opset 21 needs IR >= 10; ONNX Runtime 1.31 reads up to 13
 
 
+def redirect(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Every reader of ``old`` (and the graph outputs) reads ``new`` instead."""
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(list(consumer.inputs)):
+            if tensor is old:
+                consumer.inputs[index] = new
+    graph.outputs = [new if t is old else t for t in graph.outputs]
+
+
 def strip_markers(model: onnx.ModelProto) -> onnx.ModelProto:
     """Bypass every ``quest::Mark`` node: the float model the checkpoint was made from."""
     graph = gs.import_onnx(model)
     for node in [n for n in graph.nodes if n.op == MARK_OP and n.domain == MARK_DOMAIN]:
         source, out = node.inputs[0], node.outputs[0]
-        for consumer in list(out.outputs):
-            for index, tensor in enumerate(list(consumer.inputs)):
-                if tensor is out:
-                    consumer.inputs[index] = source
-        graph.outputs = [source if t is out else t for t in graph.outputs]
+        redirect(graph, out, source)
         node.inputs.clear()
         node.outputs.clear()
     graph.cleanup().toposort()

@@ -24,6 +24,7 @@ from quest.profiles import TargetProfile
 from quest.quantizers import ActivationQuantizer, TiedOutputQuantizer, WeightQuantizer
 from quest_export.errors import UserError
 from quest_export.export.markers import MARK_DOMAIN, MARK_OP
+from quest_export.export.passes import redirect
 from quest_export.export.timestep_tables import TimestepGroups, reference_scale, rescale_factors
 
 LINEAR_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
@@ -70,15 +71,6 @@ def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
         if tensor_type.HasField("shape"):
             ranks[info.name] = len(tensor_type.shape.dim)
     return ranks
-
-
-def _redirect(graph: gs.Graph, old: gs.Variable, new: gs.Variable) -> None:
-    """Every reader of ``old`` (and the graph outputs) reads ``new`` instead."""
-    for consumer in list(old.outputs):
-        for index, tensor in enumerate(list(consumer.inputs)):
-            if tensor is old:
-                consumer.inputs[index] = new
-    graph.outputs = [new if t is old else t for t in graph.outputs]
 
 
 class QDQBuilder:
@@ -236,7 +228,7 @@ class QDQBuilder:
                 raise ExportError(f"cannot infer the rank of the output of {node_name}")
             factor = self.groups.factor(inverse, rank, f"{node_name}.timestep_unscale")
             restored = gs.Variable(f"{after.name}.unscaled")
-            _redirect(self.graph, after, restored)
+            redirect(self.graph, after, restored)
             self.graph.layer(op="Mul", name=f"{node_name}/Unscale", inputs=[after, factor], outputs=[restored])
 
     def run(self) -> list[QuantizedTensor]:
