@@ -50,9 +50,23 @@ class CalibrationSet:
             yield self.unet_inputs(order[start : start + batch_size])
 
     def validate(self) -> None:
+        """Refuse inconsistent or non-finite data, naming the tensor (before any long work uses it)."""
+        rows = int(self.x.shape[0]) if self.x.dim() else 0
+        if rows == 0:
+            raise ValueError("calibration tensor 'x' holds no rows")
+        for name, tensor in (("t", self.t), ("cond", self.cond), ("uncond", self.uncond)):
+            if tensor is not None and (tensor.dim() == 0 or int(tensor.shape[0]) != rows):
+                raise ValueError(f"calibration tensor {name!r} has {int(tensor.shape[0]) if tensor.dim() else 0} rows, 'x' has {rows}")
+        if self.uncond is not None and self.uncond.shape != self.cond.shape:
+            raise ValueError(f"calibration tensor 'uncond' has shape {tuple(self.uncond.shape)}, 'cond' {tuple(self.cond.shape)}")
         for name, tensor in (("x", self.x), ("cond", self.cond), ("uncond", self.uncond)):
             if tensor is not None and not torch.isfinite(tensor).all():
-                raise ValueError(f"calibration tensor {name!r} contains NaN or Inf")
+                bad = int((~torch.isfinite(tensor)).reshape(rows, -1).any(dim=1).sum())
+                raise ValueError(f"calibration tensor {name!r} contains NaN or Inf (in {bad} of {rows} rows)")
+        if self.t.dtype.is_floating_point and not torch.isfinite(self.t).all():
+            raise ValueError("calibration tensor 't' contains NaN or Inf")
+        if int(self.t.min()) < 0:
+            raise ValueError(f"calibration tensor 't' holds a negative timestep ({int(self.t.min())})")
 
     def save(self, path: Path) -> None:
         """Write ``path`` (safetensors) and ``path.with_suffix('.json')``; callers rename atomically."""
@@ -67,7 +81,10 @@ class CalibrationSet:
         missing = {"x", "t", "cond"} - set(tensors)
         if missing:
             raise ValueError(f"{path} is not a calibration set (missing {', '.join(sorted(missing))})")
-        calib = cls(tensors["x"], tensors["t"].long(), tensors["cond"], tensors.get("uncond"), meta or {})
+        t = tensors["t"]
+        if t.dtype.is_floating_point and not torch.isfinite(t).all():
+            raise ValueError("calibration tensor 't' contains NaN or Inf")
+        calib = cls(tensors["x"], t.long(), tensors["cond"], tensors.get("uncond"), meta or {})
         calib.validate()
         return calib
 

@@ -68,7 +68,9 @@ def save_checkpoint(directory: Path, qunet: QuantizedUNet, meta: dict[str, Any])
         "versions": _versions(),
         "tensors_sha256": _sha256(directory / TENSORS),
     }
-    (directory / META).write_text(json.dumps(document, indent=2) + "\n")
+    from quest_export.artifacts import seal_document
+
+    (directory / META).write_text(json.dumps(seal_document(document), indent=2) + "\n")
     return document
 
 
@@ -77,18 +79,23 @@ def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
     directory = Path(directory)
     meta_path, tensor_path = directory / META, directory / TENSORS
     if not meta_path.is_file() or not tensor_path.is_file():
-        raise QuantConfigError(f"{directory} is not a quantized checkpoint (needs {META} and {TENSORS})")
+        raise QuantConfigError(f"{directory} is not a quantized checkpoint (needs {META} and {TENSORS}); pass a directory written by quest-export finetune")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise QuantConfigError(f"{meta_path} is not valid JSON; the checkpoint is damaged, re-create it") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise QuantConfigError(f"{meta_path} is not a {FORMAT} file")
-    for key in ("model", "recipe", "target", "tensors_sha256"):
+        raise QuantConfigError(f"{meta_path} is not a {FORMAT} file; pass a directory written by quest-export finetune")
+    for key, kind in (("model", dict), ("recipe", dict), ("target", str), ("bits", str), ("tensors_sha256", str)):
         if key not in meta:
             raise QuantConfigError(f"{meta_path} lacks {key!r}; the checkpoint is damaged, re-create it")
+        if not isinstance(meta[key], kind):
+            raise QuantConfigError(f"{meta_path}: {key!r} must be {'an object' if kind is dict else 'a string'}; the checkpoint is damaged, re-create it")
+    for key in ("name", "source"):
+        if not isinstance(meta["model"].get(key), str):
+            raise QuantConfigError(f"{meta_path}: 'model.{key}' must be a string; the checkpoint is damaged, re-create it")
     if _sha256(tensor_path) != meta["tensors_sha256"]:
-        raise QuantConfigError(f"{tensor_path} does not match the hash in {META}; the checkpoint is damaged or was edited")
+        raise QuantConfigError(f"{tensor_path} does not match the hash in {META}; the checkpoint is damaged or was edited, re-create it (quest-export finetune)")
     return meta
 
 
@@ -96,13 +103,27 @@ def load_checkpoint(directory: Path, unet: torch.nn.Module, meta: dict[str, Any]
     """Quantize the FP ``unet`` in place as the checkpoint says and restore its tensors."""
     meta = meta or read_checkpoint_meta(directory)
     from quest.profiles import get_profile
+    from quest_export.artifacts import verify_document
+    from quest_export.errors import UserError
 
-    recipe = Recipe.from_dict(meta["recipe"])
+    try:  # checked after the caller's model-identity check, which names the more specific problem
+        verify_document(meta, Path(directory) / META, "re-create the checkpoint (quest-export finetune)")
+    except UserError as exc:
+        raise QuantConfigError(str(exc)) from None
+    try:
+        recipe = Recipe.from_dict(meta["recipe"])
+    except (TypeError, KeyError, ValueError) as exc:
+        if isinstance(exc, QuantConfigError):
+            raise
+        raise QuantConfigError(f"{Path(directory) / META}: the recipe cannot be read ({exc}); the checkpoint is damaged, re-create it") from None
     qunet = quantize_unet(unet, recipe, get_profile(meta["target"]))
     try:
         state = load_file(str(Path(directory) / TENSORS))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
         raise QuantConfigError(f"cannot read {Path(directory) / TENSORS}: {exc}") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise QuantConfigError(f"{Path(directory) / TENSORS}: tensor {name!r} contains NaN or Inf; re-create the checkpoint")
     try:
         missing, unexpected = qunet.unet.load_state_dict(state, strict=False)
     except RuntimeError:  # shape mismatches

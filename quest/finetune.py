@@ -17,6 +17,7 @@ import copy
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -184,13 +185,19 @@ def _capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.
 class StopRequested(Exception):
     """SIGINT/SIGTERM arrived; the state was saved at a step boundary."""
 
+    def __init__(self, state_path: str, signal_name: str | None = None) -> None:
+        super().__init__(state_path)
+        self.state_path = state_path
+        self.signal_name = signal_name
+
 
 @contextmanager
 def _stop_on_signals() -> Iterator[dict[str, bool]]:
-    flag = {"stop": False}
+    flag: dict[str, Any] = {"stop": False, "signal": None}
 
-    def handler(_signum: int, _frame: Any) -> None:
+    def handler(signum: int, _frame: Any) -> None:
         flag["stop"] = True
+        flag["signal"] = signal.Signals(signum).name
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -332,6 +339,11 @@ class QuestFinetuner:
                             if name.endswith(".scale"):
                                 p.clamp_(min=1e-8)
                     record = {"stage": stage.name, "step": step, "loss": self.dist.average(loss.detach().item()), "final_mse": self.dist.average(final), "local_mse": self.dist.average(local)}
+                    if not math.isfinite(record["loss"]):
+                        raise QuantConfigError(
+                            f"finetuning diverged: stage {stage.name!r} step {step} has loss {record['loss']} (the weights are "
+                            "now NaN/Inf); lower the stage's learning rates in the recipe"
+                        )
                     self.log.append(record)
                     if progress is not None:
                         progress(stage.name, step + 1, stage.steps, record)
@@ -339,7 +351,7 @@ class QuestFinetuner:
                     if flag["stop"] or (done % self.settings.checkpoint_every == 0 and done < stage.steps):
                         self._save_state(stage_index, done, optimizer)
                         if flag["stop"]:
-                            raise StopRequested(str(self.state_path))
+                            raise StopRequested(str(self.state_path), flag["signal"])
                 self.log.append({"stage": stage.name, "done": True, "seconds": round(time.perf_counter() - started, 2), "trainable_weights": len(plan.weights), "trainable_scales": len(plan.scales)})
                 self._save_state(stage_index + 1, 0, torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
                 start_step, optim_state = 0, {}

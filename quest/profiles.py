@@ -47,6 +47,7 @@ class TargetProfile:
     activation_symmetric: bool
     conv_output_quantizers: bool
     per_timestep_zero_points: bool = False
+    attention_quantizers: bool = True  # quantize the attention matmul inputs (q, k, v, softmax output)
     min_bits: int = 2
     max_bits: int = 8
     description: str = ""
@@ -97,10 +98,17 @@ ONNXRUNTIME = TargetProfile(
     activation_signed=False,
     activation_symmetric=False,
     conv_output_quantizers=True,
+    # ORT CPU has no integer attention that beats its float one at UNet shapes (head dims 8-64, long
+    # sequences): QLinearMatMul with K = head_dim and the table-driven QLinearSoftmax run slower than
+    # FusedMatMul/Softmax, and Q/DQ around softmax add full passes over the (B, heads, S, S) scores.
+    # So q @ k^T, softmax and probs @ v run in float, reading the float outputs of the integer
+    # to_q/to_k/to_v kernels (MatMulIntegerToFloat), and the simulation does the same.
+    attention_quantizers=False,
     description=(
         "ONNX Runtime CPU: uint8 asymmetric activations (one zero point per tensor, shared by all "
         "timestep groups), int8 symmetric per-channel weights, output quantizers on Conv so "
-        "DQ->Conv->Q fuses into QLinearConv; sub-8-bit grids in 8-bit containers."
+        "DQ->Conv->Q fuses into QLinearConv; Linear layers as MatMulIntegerToFloat; attention "
+        "matmuls and softmax in float; sub-8-bit grids in 8-bit containers."
     ),
 )
 

@@ -155,7 +155,7 @@ def quantize_unet(unet: nn.Module, recipe: Recipe, profile: TargetProfile | None
             name, "conv" if is_conv else "linear", w_bits, a_bits, groups, qmod.output_quantizer is not None, split_at
         )
 
-    if recipe.quantize_attention:
+    if recipe.quantize_attention and profile.attention_quantizers:
         from diffusers.models.attention_processor import Attention
 
         for name, module in unet.named_modules():

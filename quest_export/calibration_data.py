@@ -60,27 +60,42 @@ def select_steps(model: LoadedModel, calib: CalibrationSet, guidance: float) -> 
     )
 
 
+# calibration.json, as checked on load (older sets without the hashes are still accepted)
+CALIB_FIELDS: dict[str, Any] = {"model": str, "model_hash": (str, type(None)), "rows": int, "timesteps": list}
+
+
 def save_calibration(directory: Path, calib: CalibrationSet) -> None:
-    """Write both calibration files into ``directory`` (the caller makes it atomic)."""
+    """Write both calibration files into ``directory`` (the caller makes it atomic); the JSON
+    records the tensor file's sha256 and its own content hash."""
+    from quest_export.artifacts import seal_document, sha256_file
+
     calib.save(Path(directory) / CALIB_TENSORS)
-    (Path(directory) / CALIB_META).write_text(json.dumps({**calib.meta, "rows": len(calib), "timesteps": calib.timesteps}, indent=2) + "\n")
+    meta = {k: v for k, v in calib.meta.items() if k not in ("tensors_sha256", "document_sha256")}
+    meta = {**meta, "rows": len(calib), "timesteps": calib.timesteps, "tensors_sha256": sha256_file(Path(directory) / CALIB_TENSORS)}
+    (Path(directory) / CALIB_META).write_text(json.dumps(seal_document(meta), indent=2) + "\n")
 
 
 def load_calibration(directory: Path, model: LoadedModel) -> CalibrationSet:
-    """Load a calibration set and check that it was recorded from ``model``."""
+    """Load a calibration set (structure, hashes and finite values checked) and check that it was
+    recorded from ``model``."""
+    from quest_export.artifacts import read_json_document, sha256_file
+
     directory = Path(directory)
     tensors, meta_path = directory / CALIB_TENSORS, directory / CALIB_META
     if not tensors.is_file() or not meta_path.is_file():
         raise UserError(f"{directory} holds no calibration set ({CALIB_TENSORS} + {CALIB_META}); record one with `quest-export calibrate`")
+    meta = read_json_document(meta_path, CALIB_FIELDS, "re-record the calibration set with `quest-export calibrate`")
+    recorded = meta.get("tensors_sha256")
+    if recorded is not None and sha256_file(tensors) != recorded:
+        raise UserError(f"{tensors} does not match the hash in {CALIB_META}; the file is damaged or was edited, re-record the calibration set")
     try:
-        meta = json.loads(meta_path.read_text())
         calib = CalibrationSet.load(tensors, meta)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{meta_path} is not valid JSON; re-record the calibration set") from None
     except ValueError as exc:
-        raise UserError(f"calibration set {tensors}: {exc}") from None
+        raise UserError(f"calibration set {tensors}: {exc}; re-record it with quest-export calibrate") from None
     except Exception as exc:  # noqa: BLE001 - damaged safetensors raise library-specific errors
         raise UserError(f"cannot read {tensors} ({type(exc).__name__}); the file is damaged, re-record it") from None
     if meta.get("model_hash") != model.content_hash or (model.content_hash is None and meta.get("model") != model.spec.name):
         raise UserError(f"calibration set {directory} was recorded from model {meta.get('model')!r}, not {model.spec.name!r}; record one for this model")
+    if len(calib) != meta["rows"]:
+        raise UserError(f"{meta_path} says {meta['rows']} rows but {tensors} holds {len(calib)}; re-record the calibration set")
     return calib

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from quest.errors import QuantConfigError
 from quest_export import __version__
-from quest_export.errors import QuestError, UserError
+from quest_export.errors import Interrupted, QuestError, UserError
 
 app = typer.Typer(
     name="quest-export",
@@ -36,7 +37,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 console = Console(stderr=True)
-_state = {"debug": False}
+# per-process CLI state: --debug, the signal that interrupted the run, the outputs this command
+# writes (for the one-line interruption message), held output locks, a resumable finetuning state
+_state: dict = {"debug": False, "signal": None, "outputs": [], "locks": [], "resume_state": None}
 
 ModelOpt = Annotated[
     str,
@@ -76,6 +79,62 @@ def _main(
     _state["debug"] = debug
 
 
+def _lock_output(path: Path) -> None:
+    """Hold ``path``'s output lock until the command ends: a second command writing the same
+    output refuses (quest_export.locking). Also remembers the output for the interrupt message."""
+    import click
+
+    from quest_export.locking import OutputLock
+
+    lock = OutputLock(path).acquire()
+    _state["locks"].append(lock)
+    _state["outputs"].append((Path(path), Path(path).exists()))
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(lock.release)
+
+
+def _prepare_out_file(path: Path, force: bool = True) -> Path:
+    """An output file (grid, JSON): parent created and writable, lock taken, before any long work."""
+    from quest_export.artifacts import check_writable_file
+
+    path = check_writable_file(path, force=True)
+    _lock_output(path)
+    return check_writable_file(path, force=force)
+
+
+def _check_finite(flag: str, value: float | None) -> None:
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise UserError(f"{flag} {value} is not a finite number; pass e.g. {flag} 2.0")
+
+
+def _check_prompts(prompts: list[str] | None) -> None:
+    for index, text in enumerate(prompts or [], start=1):
+        if not text.strip():
+            raise UserError(f"--prompt number {index} is empty; pass a non-empty text for every --prompt")
+
+
+def _check_engine_shapes(loaded, per_call: int, guidance: float, batch_flag: str) -> None:
+    """Refuse, before sampling, batch sizes and latent resolutions outside the engine's build profile."""
+    unet = loaded.pipeline.unet
+    profile = unet.profile
+    size = int(unet.config["sample_size"])
+    if not profile.latent.contains(size):
+        raise UserError(
+            f"the model samples {size}x{size} latents, outside the engine's build profile {profile.name!r} "
+            f"(latent {profile.latent.min}-{profile.latent.max}); rebuild the engine with a profile that covers {size} "
+            "(build-engine --profile FILE)"
+        )
+    calls = per_call * (2 if guidance > 1.0 else 1)
+    if not profile.batch.contains(calls):
+        raise UserError(
+            f"{batch_flag} {per_call} with guidance {guidance} runs the engine on batches of {calls}, outside its build profile "
+            f"{profile.name!r} (batch {profile.batch.min}-{profile.batch.max}); lower {batch_flag} or rebuild the engine with a larger batch range"
+        )
+
+
 @app.command()
 def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write the sample grid to.")] = Path("grid.png"),
@@ -98,6 +157,8 @@ def generate(
     out = check_writable_file(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must end in .png")
+    _check_finite("--guidance", guidance)
+    _check_prompts(prompt)
     from quest_export.models.resolve import load_model, resolve_model_spec
 
     spec = resolve_model_spec(model)
@@ -105,6 +166,7 @@ def generate(
         raise UserError("the digits model is label-conditioned; use --label N (0-9) instead of --prompt")
     if spec.family != "digits" and label is not None:
         raise UserError(f"--label applies only to the digits model; use --prompt TEXT with {model}")
+    _lock_output(out)
     _threads()
     if engine is not None:
         from quest_export.runtime.load import load_engine_model
@@ -115,6 +177,8 @@ def generate(
     from quest_export.sampling import default_guidance
 
     g = default_guidance(guidance, loaded.is_digits)
+    if engine is not None:
+        _check_engine_shapes(loaded, min(num_images, 250) if loaded.is_digits else min(num_images, 4), g, "--num-images")
     from quest_export.evaluation.grid import save_grid
     from quest_export.sampling import balanced_labels, sample_digits, sample_prompts
 
@@ -153,12 +217,13 @@ def evaluate_cmd(
     """Measure sample quality: FID on the digit classifier's features, label accuracy, the
     real-data floor `fid_real_floor` (held-out real digits vs the reference set) and, for a
     quantized checkpoint, `psnr_vs_fp` (each sample against its FP twin from the same noise)."""
-    from quest_export.artifacts import check_writable_file, write_json_atomic
+    from quest_export.artifacts import write_json_atomic
 
-    if json_out is not None:
-        json_out = check_writable_file(json_out)
+    _check_finite("--guidance", guidance)
     if sum(x is not None for x in (checkpoint, model, engine)) > 1:
         raise UserError("pass one of --model, --checkpoint or --engine (checkpoints and engines name their own model)")
+    if json_out is not None:
+        json_out = _prepare_out_file(json_out)
     from quest_export.evaluation.evaluate import evaluate
     from quest_export.models.resolve import load_model
     from quest_export.sampling import default_guidance
@@ -170,6 +235,7 @@ def evaluate_cmd(
         from quest_export.runtime.load import load_engine_model
 
         loaded = load_engine_model(engine)
+        _check_engine_shapes(loaded, min(batch_size, num_samples), default_guidance(guidance, loaded.is_digits), "--batch-size")
         source = loaded.pipeline.unet.manifest["source_checkpoint"]
         if not Path(source["path"]).is_dir():
             raise UserError(f"the engine's source checkpoint {source['path']} is gone; psnr_vs_simulation needs it")
@@ -201,7 +267,8 @@ def _print_metrics(result: dict) -> None:
     table = Table(title=f"eval: {result['model']} ({result['num_samples']} samples, {result['steps']} steps, seed {result['seed']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("fid", "fid_real_floor", "label_accuracy", "psnr_vs_fp", "classifier_held_out_accuracy", "sampling_seconds"):
+    for key in ("fid", "fid_real_floor", "label_accuracy", "psnr_vs_fp", "psnr_vs_simulation", "classifier_held_out_accuracy",
+                "sampling_seconds"):
         if key in result:
             value = result[key]
             table.add_row(key, "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
@@ -214,9 +281,8 @@ BitsOpt = Annotated[str, typer.Option("--bits", "-b", help="Weight and activatio
 
 
 def _prepare_out_dir(out: Path, force: bool) -> None:
-    """Refuse an existing output directory without --force, and an unwritable parent, up front."""
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
+    """Up front: refuse an unwritable parent, take the output lock (another command writing the same
+    --out is refused), then refuse an existing output directory without --force."""
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +290,9 @@ def _prepare_out_dir(out: Path, force: bool) -> None:
         raise UserError(f"cannot create {parent}: {exc.strerror}; choose another --out") from None
     if not os.access(parent, os.W_OK):
         raise UserError(f"{parent} is not writable; choose another --out")
+    _lock_output(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
 
 
 CalibrationStepsOpt = Annotated[
@@ -260,6 +329,7 @@ def calibrate(
     from quest.recipe import CalibrationSettings
 
     _check_choice("--calibration-steps", calibration_steps, "STEP_SELECTIONS")
+    _check_finite("--guidance", guidance)
     _prepare_out_dir(out, force)
     defaults = CalibrationSettings()
     settings = CalibrationSettings(
@@ -344,12 +414,18 @@ def finetune(
     from quest_export.quantization import FinetuneRun
 
     state_path = out.parent / f".{out.name}.finetune-state.safetensors"
+    if resume and method == "quest" and not state_path.is_file():
+        console.print(f"note: no finetuning state at {state_path}; starting from the beginning")
+    _state["resume_state"] = state_path if method == "quest" else None
     with _finetune_progress(enabled=dist.is_main) as progress:
         run = FinetuneRun(state_path=state_path, resume=resume, dist=dist, progress=progress)
         try:
             qunet, report = quantize_with_method(loaded, recipe, method, calib, run)
-        except StopRequested:
-            raise UserError(f"interrupted; the finetuning state is saved in {state_path}: rerun the same command with --resume") from None
+        except StopRequested as stop:
+            # the finetuner caught SIGINT/SIGTERM and saved its state at a step boundary: report it
+            # like any interruption (exit 130, one line naming the state and --resume)
+            _state["signal"] = stop.signal_name or _state["signal"]
+            raise Interrupted from None
     if not dist.is_main:
         return
     log = report.pop("log", None)
@@ -520,6 +596,8 @@ def train_demo_cmd(
         raise UserError(f"cannot create {out}: {exc.strerror}; choose another --out") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"{out} is not writable; choose another --out")
+    for sub in ("digits", "digit_classifier"):
+        _lock_output(out / sub)
     config = DemoTrainConfig(seed=seed, unet_steps=unet_steps, classifier_epochs=classifier_epochs, threads=os.cpu_count() or 2)
     report = train_demo(out, config, force=force)
     console.print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
@@ -571,11 +649,31 @@ def build_engine_cmd(
     """Compile an exported Q/DQ graph into an engine directory (plan or optimised ORT model + manifest.json)."""
     from quest_export.engine.build import build_engine
 
+    _check_build_profile(source, profile)
     _prepare_out_dir(out, force)
     manifest = build_engine(source, backend, out, profile=profile, force=force, log=lambda line: typer.echo(line, err=True))
     size = sum(entry["bytes"] for entry in manifest["files"].values()) / (1 << 20)
     console.print(f"built {backend} engine {out} ({size:.2f} MiB, profile {manifest['profile']['name']}, "
                   f"{manifest['build_seconds']:.1f} s)")
+
+
+def _check_build_profile(source: Path, profile: str) -> None:
+    """An export directory's model must fit the build profile's latent range (checked before building)."""
+    from quest_export.engine.profiles import load_profile
+
+    build_profile = load_profile(profile)
+    manifest_path = Path(source) / "manifest.json"
+    if (Path(source) / "quant.json").is_file() or not manifest_path.is_file():
+        return
+    try:
+        size = int(json.loads(manifest_path.read_text())["unet_config"]["sample_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # build-engine reports a damaged export itself
+    if not build_profile.latent.contains(size):
+        raise UserError(
+            f"build profile {build_profile.name!r} covers latents {build_profile.latent.min}-{build_profile.latent.max}, "
+            f"but the model exported in {source} has {size}x{size} latents; pass a profile whose latent range includes {size}"
+        )
 
 
 @app.command()
@@ -590,11 +688,9 @@ def bench(
 ) -> None:
     """Median latency per UNet call of a quantized engine vs the FP32 engine of the same UNet on the
     same backend, measured in this run, and the file size ratio."""
-    from quest_export.artifacts import check_writable_file, write_json_atomic
+    from quest_export.artifacts import write_json_atomic
     from quest_export.engine.bench import bench_engine_dir, bench_unet
 
-    if json_out is not None:
-        json_out = check_writable_file(json_out)
     if (engine is None) == (model is None):
         raise UserError("pass either --engine DIR or --model bench-unet")
     if model is not None and model != "bench-unet":
@@ -603,6 +699,9 @@ def bench(
         from quest.recipe import parse_bits
 
         parse_bits(bits)
+    if json_out is not None:
+        json_out = _prepare_out_file(json_out)
+    if model is not None:
         result = bench_unet(bits, threads, warmup, iterations, log=lambda line: typer.echo(line, err=True))
     else:
         result = bench_engine_dir(engine, threads, warmup, iterations)
@@ -617,25 +716,131 @@ def bench(
         console.print(f"wrote {json_out}")
 
 
+def _on_signal(signum: int, _frame: object) -> None:
+    """SIGINT and SIGTERM both raise KeyboardInterrupt (as Interrupted), so every cleanup runs."""
+    _state["signal"] = signal.Signals(signum).name
+    raise Interrupted
+
+
+def _install_signal_handlers() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, _on_signal)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+
+def _interrupted_line() -> str:
+    """One line for an interrupted command: which signal, what happened to its outputs, how to resume."""
+    parts = [f"interrupted by {_state['signal'] or 'SIGINT'}"]
+    for path, existed in _state["outputs"]:
+        parts.append(f"partial output removed, {path} " + ("keeps its previous content" if existed else "was not written"))
+    state = _state.get("resume_state")
+    if state is not None and Path(state).is_file():
+        parts.append(f"the finetuning state is kept in {state}: rerun the same command with --resume")
+    return "error: " + "; ".join(parts)
+
+
+def _log_dir() -> Path:
+    """Where failure logs go: $QUEST_EXPORT_LOG_DIR, else $XDG_CACHE_HOME (or ~/.cache)/quest-export/logs."""
+    if os.environ.get("QUEST_EXPORT_LOG_DIR"):
+        return Path(os.environ["QUEST_EXPORT_LOG_DIR"]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return cache / "quest-export" / "logs"
+
+
+def _write_failure_log(exc: BaseException) -> Path | None:
+    """The full traceback of a runtime failure, with the command line and versions; its path or None."""
+    import platform
+    import tempfile
+    import traceback
+
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "quest-export")
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}.log"
+    text = "".join([
+        f"command: {' '.join(sys.argv)}\n",
+        f"quest-export {__version__}, Python {platform.python_version()}, {platform.platform()}\n",
+        f"time: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n\n",
+        *traceback.format_exception(type(exc), exc, exc.__traceback__),
+    ])
+    for directory in (_log_dir(), Path(tempfile.gettempdir()) / "quest-export-logs"):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / name).write_text(text)
+            return directory / name
+        except OSError:
+            continue
+    return None
+
+
+def _disk_full(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain that says the disk (or quota) is full, if any."""
+    import errno
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        text = str(current)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "os error 28" in text:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _runtime_failure_line(exc: BaseException) -> str:
+    """One line for a runtime failure (exit 1), naming the log that holds the traceback."""
+    log = _write_failure_log(exc)
+    where = f"traceback in {log}" if log is not None else "no log could be written"
+    full = _disk_full(exc)
+    if full is not None:
+        written = ", ".join(str(p) for p, _ in _state["outputs"]) or getattr(full, "filename", None) or "the output"
+        return (f"error: no space left on device while writing {written}; free space or choose another --out "
+                f"(partial output removed; {where})")
+    if isinstance(exc, QuestError):
+        return f"error: {exc} ({where})"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"error: {type(exc).__name__}: {first} ({where}; rerun with --debug to print it)"
+
+
+def _release_locks() -> None:
+    while _state["locks"]:
+        _state["locks"].pop().release()
+
+
 def main() -> None:
-    """Console-script entry point: run the app, turning QuestErrors into one line and an exit code."""
+    """Console-script entry point: run the app; user errors exit 2 with one line, runtime failures
+    exit 1 with one line naming a log file, interruptions (SIGINT, SIGTERM) exit 130 after cleanup."""
     _quiet_libraries()
+    _install_signal_handlers()
     try:
         app()
+    except SystemExit as exc:
+        if exc.code == 130:  # Typer turns KeyboardInterrupt into exit 130 after the cleanup ran
+            _release_locks()
+            print(_interrupted_line(), file=sys.stderr)
+        raise
+    except KeyboardInterrupt:  # raised outside Typer's handling (e.g. while starting up)
+        _release_locks()
+        print(_interrupted_line(), file=sys.stderr)
+        sys.exit(130)
     except (QuestError, QuantConfigError) as exc:
         if _state["debug"]:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 2))
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = getattr(exc, "exit_code", 2)
+        _release_locks()
+        print(_runtime_failure_line(exc) if code == 1 else f"error: {exc}", file=sys.stderr)
+        sys.exit(code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if _state["debug"]:
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        _release_locks()
+        print(_runtime_failure_line(exc), file=sys.stderr)
         sys.exit(1)
+    finally:
+        _release_locks()
 
 
 if __name__ == "__main__":

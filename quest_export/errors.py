@@ -23,3 +23,9 @@ class RuntimeFailure(QuestError):
     """The command was well-formed but could not complete (out of disk, backend failure)."""
 
     exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived. Every ``except KeyboardInterrupt`` (and ``finally``) cleanup runs as
+    for Ctrl-C; being a subclass, it also keeps CPython from turning the CLI's exit status 130 into
+    death-by-SIGINT when the signal lands inside ``exec`` of a string (dataclass creation, imports)."""

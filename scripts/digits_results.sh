@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's results table on digits. Usage: scripts/digits_results.sh baselines|quest|options|report
+# The README's results tables on digits. Usage: scripts/digits_results.sh baselines|quest|options|exports|report
 # Runs whose eval JSON exists are skipped, so an interrupted run continues where it stopped.
 set -euo pipefail
 QE=${QE:-.venv/bin/quest-export}
@@ -41,6 +41,25 @@ options() {
   done
 }
 
+# issue 5: QuEST checkpoints for each engine target, exported with parity (the export matrix)
+exports() {
+  local out=${EXPORTS:-out/matrix}
+  mkdir -p "$out"
+  for bits in w8a8 w4a8 w4a4; do
+    local ckpt="$RESULTS/quest-$bits"  # the results table's checkpoints are tensorrt-target
+    for target in tensorrt onnxruntime; do
+      if [ "$target" = onnxruntime ]; then
+        ckpt="$RESULTS/quest-ort-$bits"
+        [ -f "$ckpt/quant.json" ] || $QE finetune --model digits --bits "$bits" --method quest --target onnxruntime \
+          --calibration "$RESULTS/calib" --out "$ckpt" --force
+      fi
+      [ -f "$out/quest-$bits-$target/parity.json" ] || $QE export "$ckpt" --target "$target" \
+        --calibration "$RESULTS/calib" --out "$out/quest-$bits-$target" --force
+    done
+  done
+  "${PY:-.venv/bin/python}" -m quest_export.export.summary "$out"/quest-*/
+}
+
 report() {
   local files=("$RESULTS/fp.json")
   for bits in w8a8 w4a8 w4a4; do for m in ptq ptq-timestep modelopt quest; do files+=("$RESULTS/$m-$bits.json"); done; done
@@ -56,7 +75,8 @@ case "${1:-all}" in
   baselines) prepare; baselines ;;
   quest) prepare; quest ;;
   options) prepare; options ;;
+  exports) prepare; exports ;;
   report) report ;;
   all) prepare; baselines; quest; options; report ;;
-  *) echo "usage: $0 baselines|quest|options|report|all" >&2; exit 2 ;;
+  *) echo "usage: $0 baselines|quest|options|exports|report|all" >&2; exit 2 ;;
 esac

@@ -35,7 +35,8 @@ def run_cli(tmp_path: Path):
     """Run the real console entry point in a subprocess (exit codes and stderr as a user sees them)."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> CliResult:
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), **(env or {})}
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+                    "QUEST_EXPORT_LOG_DIR": str(tmp_path / "logs"), **(env or {})}
         proc = subprocess.run(
             [sys.executable, "-m", "quest_export.cli", *map(str, args)],
             capture_output=True,

@@ -149,6 +149,39 @@ def test_tiny_sd_checkpoint_exports_and_verifies(run_cli, tiny_sd_dir: Path, tmp
     assert "parity PASSED" in result.stdout
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert manifest["parity_passed"] and manifest["export_seconds"] > 0 and manifest["fp32_onnx_bytes"] > manifest["quantized_onnx_bytes"]
+    _engine_unet_drops_into_stable_diffusion(tmp_path / "onnx", ckpt, tmp_path)
+
+
+def _engine_unet_drops_into_stable_diffusion(export_dir: Path, ckpt: Path, tmp_path: Path) -> None:
+    """EngineUNet as ``pipe.unet`` of a real StableDiffusionPipeline: DDIM and DPM-Solver++ at step
+    counts other than the calibration's, classifier-free guidance (batch doubled), vs the simulation."""
+    import torch
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from quest_export.engine.build import build_engine
+    from quest_export.quantization import load_quantized
+    from quest_export.runtime.engine_unet import EngineUNet
+
+    profile = tmp_path / "tiny-sd.yaml"
+    profile.write_text("name: tiny-sd\nbatch: {min: 1, opt: 4, max: 8}\nlatent: {min: 8, opt: 8, max: 8}\n"
+                       "tokens: {min: 16, opt: 16, max: 16}\noptimization_level: 3\nworkspace_mib: 256\n"
+                       "timing_cache: null\nort: {intra_op_threads: 1, memory_arena: true}\n")
+    build_engine(export_dir, "onnxruntime", tmp_path / "engine", profile=profile, log=lambda _: None)
+    sim, _, _ = load_quantized(ckpt)
+    pipe = sim.pipeline
+    simulated_unet = pipe.unet
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for scheduler_cls, steps in ((DDIMScheduler, 6), (DPMSolverMultistepScheduler, 5)):
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+        args = dict(prompt=["a red cube", "the sea"], num_inference_steps=steps, guidance_scale=3.0,
+                    latents=latents.clone(), output_type="latent")
+        pipe.unet = simulated_unet
+        reference = pipe(**args).images
+        pipe.unet = EngineUNet.from_engine(tmp_path / "engine")
+        got = pipe(**args).images
+        assert got.shape == reference.shape == (2, 4, 8, 8) and torch.isfinite(got).all()
+        relative = float((got - reference).norm() / reference.norm())
+        assert relative < 0.05, (scheduler_cls.__name__, relative)
 
 
 # -- engines and the runtime ------------------------------------------------------------------

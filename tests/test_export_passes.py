@@ -13,7 +13,7 @@ from quest.quantizers import quantize_codes
 from quest.timesteps import TimestepContext, uniform_group_lookup
 from quest_export.export.lint import lint_tensorrt
 from quest_export.export.parity import ort_session
-from quest_export.export.passes import fold_constants
+from quest_export.export.passes import fold_constants, to_fp16
 from quest_export.export.timestep_tables import TimestepGroups, reference_scale, rescale_factors
 
 
@@ -107,3 +107,60 @@ def test_constant_folding_keeps_weight_dequantization() -> None:
     assert "Shape" not in ops and ops.count("DequantizeLinear") == 2
     w = next(i for i in folded.graph.initializer if i.name == "w")
     assert w.data_type == TensorProto.INT8
+
+
+def _timestep_embedding_model() -> onnx.ModelProto:
+    """timestep -> sinusoid (time_proj) -> Cast -> time_embedding MatMul -> added to the sample path."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, 8)).astype(np.float32), "freqs"),
+             numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w_emb"),
+             numpy_helper.from_array(np.float32(0.5), "half")]
+    nodes = [helper.make_node("Unsqueeze", ["timestep", "axes"], ["t2"], name="/unet/time_proj/Unsqueeze"),
+             helper.make_node("Mul", ["t2", "freqs"], ["phase"], name="/unet/time_proj/Mul"),
+             helper.make_node("Sin", ["phase"], ["sinusoid"], name="/unet/time_proj/Sin"),
+             helper.make_node("Cast", ["sinusoid"], ["emb_in"], name="/unet/Cast", to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["emb_in", "w_emb"], ["emb"], name="/unet/time_embedding/linear_1/MatMul"),
+             helper.make_node("Mul", ["sample", "half"], ["scaled"], name="/unet/conv_in/Mul"),
+             helper.make_node("Add", ["scaled", "emb"], ["out_sample"], name="/unet/down_blocks.0/Add")]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+    graph = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [2, 4]),
+                                             helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, [2, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_fp16_keeps_the_timestep_embedding_fp32_without_round_trips() -> None:
+    model = _timestep_embedding_model()
+    converted = to_fp16(model)
+    onnx.checker.check_model(converted)
+    by_name = {n.name: n for n in converted.graph.node}
+    inits = {i.name: i for i in converted.graph.initializer}
+    # the embedding's weights and frequencies stay FP32, the sample path's constant becomes FP16
+    assert inits["w_emb"].data_type == TensorProto.FLOAT and inits["freqs"].data_type == TensorProto.FLOAT
+    assert inits["half"].data_type == TensorProto.FLOAT16
+    # the embedding reads the sinusoid directly (no FP16 Cast in between) and one Cast joins the FP16 path
+    assert by_name["/unet/time_embedding/linear_1/MatMul"].input[0] == "emb_in"
+    assert [a.i for a in by_name["/unet/Cast"].attribute if a.name == "to"] == [TensorProto.FLOAT]
+    assert by_name["/unet/down_blocks.0/Add"].input[1] == "emb.fp16"
+    assert by_name["emb/CastFP16"].op_type == "Cast"
+    feeds = {"sample": np.ones((2, 4), np.float32), "timestep": np.array([999.0, 37.5], np.float32)}
+    expected = ort_session(model, optimize=False).run(None, feeds)[0]
+    got = ort_session(converted, optimize=False).run(None, feeds)[0]
+    # phases up to ~1500 rad: an FP16 sinusoid would be off by O(1); FP32 keeps it to FP16 output rounding
+    np.testing.assert_allclose(got, expected, atol=2e-2, rtol=2e-3)
+
+
+def test_parity_accepts_rounding_ties_and_refuses_other_code_differences() -> None:
+    from quest_export.export.parity import ParityReport
+
+    def report(diff: int, distance: float, precision: str = "fp32") -> ParityReport:
+        tensor = {"name": "conv_out.input_quantizer", "kind": "activation", "bits": 8, "code_agreement": 0.99999,
+                  "max_code_diff": diff, "max_tie_distance_steps": distance}
+        return ParityReport(min_code_agreement=0.99999, max_abs_error=1e-6, free_running_max_abs_error=0.0,
+                            optimized_max_abs_error=None, output_max_abs=1.0, samples=2, timesteps=[0], tensors=[tensor],
+                            graph_precision=precision, tie_steps=1e-3 if precision == "fp32" else None)
+
+    assert report(1, 2e-6).passed                      # a float round-off flip at x/s = k + 0.5
+    assert not report(1, 0.2).passed                   # an input well inside a step got another code: wrong scale
+    assert not report(2, 1e-6).passed                  # two steps off is never a tie
+    assert report(1, 0.2, precision="fp16").passed     # FP16 graphs: bounded by the agreement share only

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quest_export.engine import onnxruntime_backend
+from quest_export.engine import onnxruntime_backend, storage
 
 
 def _timed(run: Callable[[], Any]) -> float:
@@ -59,8 +59,8 @@ def bench_sessions(engine_model: Path, float_graph: onnx.ModelProto, feeds: dict
     with tempfile.TemporaryDirectory(prefix="quest-bench-") as tmp:
         fp32_model, fp32_onnx_bytes = fp32_engine(float_graph, Path(tmp), settings)
         options = onnxruntime_backend.session_options(threads, True, optimize=False)
-        q_session = ort.InferenceSession(str(engine_model), options, providers=["CPUExecutionProvider"])
-        f_session = ort.InferenceSession(str(fp32_model), options, providers=["CPUExecutionProvider"])
+        q_session = ort.InferenceSession(storage.load_engine_model(str(engine_model)), options, providers=["CPUExecutionProvider"])
+        f_session = ort.InferenceSession(storage.load_engine_model(str(fp32_model)), options, providers=["CPUExecutionProvider"])
         fp32_engine_bytes = fp32_model.stat().st_size
         result = measure(lambda: q_session.run(None, feeds), lambda: f_session.run(None, feeds), warmup, iterations)
     engine_bytes = Path(engine_model).stat().st_size

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from quest_export.artifacts import atomic_directory, write_json_atomic
+from quest_export.artifacts import atomic_directory, seal_document, write_json_atomic
 from quest_export.engine import onnxruntime_backend, tensorrt_backend
 from quest_export.engine.manifest import FORMAT, MANIFEST, cpu_description, file_entries
 from quest_export.engine.profiles import BuildProfile, load_profile
@@ -23,15 +23,17 @@ BACKENDS = ("tensorrt", "onnxruntime")
 
 def read_export_manifest(directory: Path) -> dict[str, Any]:
     """An exported ONNX directory's manifest, its graph hash checked."""
-    from quest_export.artifacts import sha256_file
+    from quest_export.artifacts import check_fields, sha256_file, verify_document
 
     path = Path(directory) / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{directory} is not an exported ONNX directory (no readable manifest.json); run quest-export export") from None
-    if manifest.get("format") != "quest-export-onnx/1" or "model" not in manifest.get("graphs", {}):
+    if not isinstance(manifest, dict) or manifest.get("format") != "quest-export-onnx/1" or "model" not in manifest.get("graphs", {}):
         raise UserError(f"{path} is not a single-graph export (build-engine takes --timestep-scales table exports)")
+    check_fields(manifest, {"target": str, "graphs": {"model": {"file": str, "sha256": str}}, "unet_config": dict}, path, "re-export it")
+    verify_document(manifest, path, "re-export the checkpoint (quest-export export --force)")
     graph = manifest["graphs"]["model"]
     file = Path(directory) / graph["file"]
     if not file.is_file() or sha256_file(file) != graph["sha256"]:
@@ -100,5 +102,5 @@ def _build_from_export(export_dir: Path, export: dict[str, Any], backend: str, p
             "build_seconds": round(time.perf_counter() - started, 2),
             "files": file_entries(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file())),
         }
-        write_json_atomic(tmp / MANIFEST, manifest)
+        write_json_atomic(tmp / MANIFEST, seal_document(manifest))
     return manifest

@@ -11,7 +11,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from quest_export.artifacts import sha256_file
+from quest_export.artifacts import check_fields, sha256_file, verify_document
 from quest_export.errors import UserError
 
 FORMAT = "quest-engine/1"
@@ -45,6 +45,8 @@ def read_engine_manifest(directory: Path) -> dict[str, Any]:
     for key in ("backend", "files", "unet_config", "profile"):
         if key not in manifest:
             raise UserError(f"{path} lacks {key!r}; rebuild the engine")
+    check_fields(manifest, {"backend": str, "files": dict, "unet_config": dict, "profile": dict}, path, "rebuild the engine")
+    verify_document(manifest, path, "rebuild the engine (quest-export build-engine --force)")
     for name, entry in manifest["files"].items():
         file = directory / name
         if not file.is_file():

@@ -49,10 +49,23 @@ def build(onnx_path: Path, out_dir: Path, ort_settings: dict[str, Any]) -> dict[
     """Optimise ``onnx_path`` offline into ``out_dir/model.ort.onnx``; returns manifest fields."""
     import onnxruntime as ort
 
+    import onnx
+
+    from quest_export.engine import ort_fusions, storage
+
     options = session_options(ort_settings.get("intra_op_threads", 0), ort_settings.get("memory_arena", True))
-    options.optimized_model_filepath = str(out_dir / MODEL_FILE)
-    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    return {"backend_version": ort.__version__, "model_file": MODEL_FILE, "provider": "CPUExecutionProvider"}
+    optimized = out_dir / f".{MODEL_FILE}.optimized"
+    options.optimized_model_filepath = str(optimized)
+    source, disabled, fusions = ort_fusions.prepare(Path(onnx_path), out_dir)  # fused attention, FP32 and quantized alike
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    for scratch in (out_dir / ".fused.onnx", out_dir / ".fused.onnx.data"):
+        scratch.unlink(missing_ok=True)
+    model = onnx.load(str(optimized))
+    optimized.unlink()
+    stored = storage.store_engine_model(model)  # packed 4-bit weights, compact names
+    onnx.save_model(model, str(out_dir / MODEL_FILE))
+    return {"backend_version": ort.__version__, "model_file": MODEL_FILE, "provider": "CPUExecutionProvider",
+            "storage": stored, "fusions": fusions}
 
 
 class OrtRunner:
@@ -61,11 +74,14 @@ class OrtRunner:
     def __init__(self, directory: Path, manifest: dict[str, Any], provider: str | None = None, threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        from quest_export.engine import storage
+
         settings = manifest["profile"].get("ort", {})
         options = session_options(settings.get("intra_op_threads", 0) if threads is None else threads,
                                   settings.get("memory_arena", True), optimize=False)
         self.provider = choose_provider(provider)
-        self.session = ort.InferenceSession(str(Path(directory) / manifest["model_file"]), options, providers=[self.provider])
+        model_bytes = storage.load_engine_model(str(Path(directory) / manifest["model_file"]))
+        self.session = ort.InferenceSession(model_bytes, options, providers=[self.provider])
         self.output_name = self.session.get_outputs()[0].name
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray:

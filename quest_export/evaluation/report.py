@@ -22,8 +22,14 @@ def results_table(paths: list[Path]) -> str:
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read eval JSON {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} is not an eval JSON object (write one with quest-export eval --json)")
+        for key in ("fid", "label_accuracy", "psnr_vs_fp", "fid_real_floor"):
+            value = data.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UserError(f"{path}: {key!r} must be a number or null, not {type(value).__name__}")
         data.setdefault("method", "fp")
         data.setdefault("bits", "fp32")
         rows.append(data)

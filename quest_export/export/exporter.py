@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from quest.quantize import set_quantizers_enabled
-from quest_export.artifacts import atomic_directory, write_json_atomic
+from quest_export.artifacts import atomic_directory, seal_document, write_json_atomic
 from quest_export.errors import UserError
 from quest_export.export import lint, parity, passes, qdq, trace
 from quest_export.export.manifest import build_manifest
@@ -143,6 +143,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scal
                     shipped = parity.check_parity(graph, records, qunet, rows, code_threshold=FP16_CODE_AGREEMENT,
                                                   error_bound=FP16_ERROR_BOUND, graph_precision="fp16", check_optimized=False)
                     entry = {**shipped.to_dict(), "fp32_qdq_graph": strict.to_dict()}
+                    entry["passed"] = shipped.passed and strict.passed  # the FP32 twin is held to the strict check
                 reports[key] = entry
         parity_doc = _parity_document(reports) if reports else None
         if parity_doc is not None:
@@ -165,12 +166,15 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scal
                    "ort_integer_kernels": kernel_report, "parity_passed": None if parity_doc is None else parity_doc["passed"], "verified": parity_doc is not None},
         )
         manifest["unet_config"] = unet_config_dict(qunet.unet)
-        write_json_atomic(tmp / "manifest.json", manifest)
+        write_json_atomic(tmp / "manifest.json", seal_document(manifest))
         if parity_doc is not None and not parity_doc["passed"]:
             failing = parity_doc
             raise UserError(
                 f"parity check failed: min code agreement {failing['min_code_agreement']:.5f} (needs {failing['code_threshold']}), "
-                f"max abs error {failing['max_abs_error']:.2e} (bound {failing['error_bound']:.0e}); the export does not compute "
+                f"max abs error {failing['max_abs_error']:.2e} (bound {failing['error_bound']:.0e}), differing codes all "
+                f"rounding ties: {'yes' if failing['code_differences_are_ties'] else 'no'}"
+                f"{_twin_failure(failing)}"
+                "; the export does not compute "
                 "what the simulation computes - this is a bug, please report it (nothing was written)"
             )
     return ExportResult(out, manifest, parity_doc)
@@ -195,6 +199,16 @@ def _rows_of_group(inputs: parity.ParityInputs, lookup: np.ndarray, group: int) 
     return parity.ParityInputs(inputs.sample[keep], inputs.timestep[keep], inputs.encoder_hidden_states[keep])
 
 
+def _twin_failure(document: dict[str, Any]) -> str:
+    """The strict FP32 twin's figures, when it is what failed."""
+    for graph in document["graphs"].values():
+        twin = graph.get("fp32_qdq_graph")
+        if twin and not twin["passed"]:
+            return (f"; its FP32 Q/DQ twin: min code agreement {twin['min_code_agreement']:.5f}, "
+                    f"max abs error {twin['max_abs_error']:.2e}, ties only: {'yes' if twin['code_differences_are_ties'] else 'no'}")
+    return ""
+
+
 def _parity_document(reports: dict[str, Any]) -> dict[str, Any]:
     """One ``parity.json``: the top-level fields summarise the worst graph."""
     worst = min(reports.values(), key=lambda r: r["min_code_agreement"])
@@ -202,6 +216,8 @@ def _parity_document(reports: dict[str, Any]) -> dict[str, Any]:
         "passed": all(r["passed"] for r in reports.values()),
         "min_code_agreement": min(r["min_code_agreement"] for r in reports.values()),
         "max_abs_error": max(r["max_abs_error"] for r in reports.values()),
+        "code_differences_are_ties": all(r["code_differences_are_ties"] and r.get("fp32_qdq_graph", r)["code_differences_are_ties"]
+                                         for r in reports.values()),
         "code_threshold": worst["code_threshold"],
         "error_bound": worst["error_bound"],
         "graph_precision": worst["graph_precision"],

@@ -60,18 +60,108 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     return folded
 
 
+def _keeps_fp32(node: onnx.NodeProto) -> bool:
+    """Nodes of the timestep embedding stay FP32 in the FP16 graph.
+
+    The sinusoidal embedding (t * freq up to ~1000 rad) loses its phase in FP16, and its values in
+    [-1, 1] rounded to FP16 move ~6% of the 8-bit codes of ``time_embedding.linear_1``'s input to the
+    neighbouring code. The MLP is two tiny matmuls on a (batch, C) vector: FP32 there costs nothing.
+    """
+    names = [node.name, *node.output]
+    return any("/time_proj/" in n or "time_embedding" in n for n in names)
+
+
+def _fp32_island(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes kept FP32: the timestep embedding and the traced Casts that only feed it."""
+    island = {n.name for n in model.graph.node if _keeps_fp32(n)}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    island |= {n.name for n in model.graph.node if n.op_type == "Cast" and readers.get(n.output[0])
+               and all(r in island for r in readers[n.output[0]])}
+    return [n for n in model.graph.node if n.name in island]
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of the FP32 tensors of ``model`` (type inference on the FP32 graph)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    floats = {vi.name for vi in infos if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    floats |= {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    return floats
+
+
+def _cast(name: str, source: str, target: str, to: int) -> onnx.NodeProto:
+    return onnx.helper.make_node("Cast", [source], [target], name=name, to=to)
+
+
+def _rejoin_island(converted: onnx.ModelProto, island: list[onnx.NodeProto],
+                   island_inits: list[onnx.TensorProto], floats: set[str]) -> onnx.ModelProto:
+    """Put the FP32 nodes back with one Cast per crossing float tensor, then sort the graph."""
+    graph = converted.graph
+    island_names = {n.name for n in island}
+    produced_inside = {o for n in island for o in n.output}
+    graph_inputs = {i.name for i in graph.input}
+    fp32_inits = {i.name for i in island_inits}
+    casts: list[onnx.NodeProto] = []
+    to_fp32: dict[str, str] = {}
+    for node in island:
+        for index, name in enumerate(node.input):
+            if name in floats and name not in produced_inside and name not in graph_inputs and name not in fp32_inits:
+                if name not in to_fp32:
+                    to_fp32[name] = f"{name}.fp32"
+                    casts.append(_cast(f"{name}/CastFP32", name, to_fp32[name], onnx.TensorProto.FLOAT))
+                node.input[index] = to_fp32[name]
+    to_fp16: dict[str, str] = {}
+    for node in graph.node:
+        if node.name in island_names:
+            continue
+        for index, name in enumerate(node.input):
+            if name in produced_inside and name in floats:
+                if name not in to_fp16:
+                    to_fp16[name] = f"{name}.fp16"
+                    casts.append(_cast(f"{name}/CastFP16", name, to_fp16[name], onnx.TensorProto.FLOAT16))
+                node.input[index] = to_fp16[name]
+    graph.node.extend([*island, *casts])
+    graph.initializer.extend(island_inits)
+    sorted_graph = gs.import_onnx(converted)
+    sorted_graph.toposort()
+    out = gs.export_onnx(sorted_graph, do_type_check=False)
+    del out.opset_import[:]
+    out.opset_import.extend(converted.opset_import)
+    out.ir_version = IR_VERSION
+    return out
+
+
 def to_fp16(model: onnx.ModelProto, timestep_input: str = "timestep") -> onnx.ModelProto:
-    """FP16 graph for TensorRT: every float tensor FP16 except the IO and the timestep lookup."""
+    """FP16 graph for TensorRT: every float tensor FP16 except the IO, the timestep lookup and the
+    timestep embedding (see :func:`_keeps_fp32`), which are cut out before the conversion and
+    joined back with explicit Casts (the converter's own block list casts back and forth around
+    every blocked node when the graph carries no type annotations)."""
     import numpy as np
     from onnxconverter_common import float16
 
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
     del bare.graph.value_info[:]  # stale FP32 annotations would contradict the converted nodes
-    # the sinusoidal timestep embedding (t * freq up to ~1000 rad) loses its phase in FP16: keep it FP32
-    keep_fp32 = [n.name for n in bare.graph.node if "/time_proj/" in n.name]
+    floats = _float_tensors(bare)
+    island = [onnx.NodeProto.FromString(n.SerializeToString()) for n in _fp32_island(bare)]
+    island_names = {n.name for n in island}
+    outside_reads = {name for n in bare.graph.node if n.name not in island_names for name in n.input}
+    island_reads = {name for n in island for name in n.input}
+    island_inits = [onnx.TensorProto.FromString(i.SerializeToString()) for i in bare.graph.initializer
+                    if i.name in island_reads and i.name not in outside_reads]
+    kept_nodes = [n for n in bare.graph.node if n.name not in island_names]
+    del bare.graph.node[:]
+    bare.graph.node.extend(kept_nodes)
+    moved = {i.name for i in island_inits}
+    kept_inits = [i for i in bare.graph.initializer if i.name not in moved]
+    del bare.graph.initializer[:]
+    bare.graph.initializer.extend(kept_inits)
+
     converted = float16.convert_float_to_float16(bare, keep_io_types=True, disable_shape_infer=True,
-                                                 op_block_list=float16.DEFAULT_OP_BLOCK_LIST, node_block_list=keep_fp32)
+                                                 op_block_list=float16.DEFAULT_OP_BLOCK_LIST)
     # the group-index subgraph reads the FP32 timestep directly (fp16 rounds 946.6 to 946.5)
     lookup_nodes = [n for n in converted.graph.node if n.output[0] == "quest_t" or n.output[0].startswith("quest_t_")]
     inits = {init.name: init for init in converted.graph.initializer}
@@ -86,9 +176,8 @@ def to_fp16(model: onnx.ModelProto, timestep_input: str = "timestep") -> onnx.Mo
     # casts to float32 traced from torch (``timesteps.float()``) would mix types: make them fp16
     outputs = {o.name for o in converted.graph.output}
     for node in converted.graph.node:
-        if (node.op_type == "Cast" and node not in lookup_nodes and node.output[0] not in outputs
-                and "/time_proj/" not in node.name):
+        if node.op_type == "Cast" and node not in lookup_nodes and node.output[0] not in outputs:
             for attr in node.attribute:
                 if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
                     attr.i = onnx.TensorProto.FLOAT16
-    return converted
+    return _rejoin_island(converted, island, island_inits, floats)

@@ -31,6 +31,19 @@ LINEAR_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
 
 
+# targets whose integer MatMul kernel needs a plain MatMul (ONNX Runtime CPU: Gemm with a float bias
+# does not fuse); their quantized Linear layers read by Gemm are exported as MatMul + Add
+GEMM_AS_MATMUL = ("onnxruntime",)
+
+
+def _plain_gemm(node: gs.Node, weight: gs.Tensor) -> bool:
+    """``Gemm(x, W, [b])`` with ``W`` as the transposed second input and no alpha/beta scaling."""
+    attrs = node.attrs
+    return (node.op == "Gemm" and len(node.inputs) >= 2 and node.inputs[1] is weight and node.inputs[0] is not weight
+            and int(attrs.get("transB", 0)) == 1 and int(attrs.get("transA", 0)) == 0
+            and float(attrs.get("alpha", 1.0)) == 1.0 and float(attrs.get("beta", 1.0)) == 1.0)
+
+
 class ExportError(UserError):
     """The checkpoint cannot be expressed on the requested target."""
 
@@ -150,6 +163,21 @@ class QDQBuilder:
             raise ExportError(f"{name}: quantized tensor feeds no Conv/MatMul/Gemm")
         return found
 
+    def _gemm_to_matmul(self, gemm: gs.Node) -> None:
+        """``Gemm(x, W, b, transB=1)`` -> ``MatMul(x, W^T) [+ b]`` in place (same arithmetic). ONNX Runtime
+        fuses ``DQ -> MatMul`` into ``MatMulIntegerToFloat``; a ``Gemm`` with a float bias stays a float
+        Gemm that dequantizes its weight on every call."""
+        bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
+        result = gemm.outputs[0]
+        gemm.op, gemm.attrs = "MatMul", {}
+        while len(gemm.inputs) > 2:
+            gemm.inputs.pop()
+        if bias is not None and not (isinstance(bias, gs.Constant) and not np.any(bias.values)):
+            product = gs.Variable(f"{result.name}.matmul")
+            self.ranks[product.name] = self.ranks.get(result.name, 2)  # a per-timestep unscale goes before the bias
+            gemm.outputs[0] = product
+            self.graph.layer(op="Add", name=f"{gemm.name}/bias", inputs=[product, bias], outputs=[result])
+
     # -- markers -------------------------------------------------------------------------------
     def weight(self, node: gs.Node, name: str, quantizer: WeightQuantizer) -> None:
         source, out = node.inputs[0], node.outputs[0]
@@ -170,6 +198,9 @@ class QDQBuilder:
             out = transpose.outputs[0]
             transpose.inputs.clear()
             transpose.outputs.clear()
+        elif len(readers) == 1 and self.profile.name in GEMM_AS_MATMUL and _plain_gemm(readers[0], out):
+            codes, axis = codes.T, 1  # Gemm(transB=1) -> MatMul(x, W^T) + bias: fuses as MatMulIntegerToFloat
+            self._gemm_to_matmul(readers[0])
         codes_c = self._const(f"quest_codes/{name}", codes)
         zp = self._const(f"{name}.zero_point", np.zeros(scales.shape, np.int8))
         self.graph.layer(op="DequantizeLinear", name=f"{name}/DQ", inputs=[codes_c, self._const(f"{name}.scale", scales), zp],

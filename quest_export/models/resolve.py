@@ -114,7 +114,8 @@ def _hub_offline() -> bool:
 def _load_diffusers(source: str, local_only: bool, **kwargs: Any) -> Any:
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(source, local_files_only=local_only, **kwargs)
+    # tensors only from safetensors: a folder or repo with only pickled .bin weights is refused
+    return DiffusionPipeline.from_pretrained(source, local_files_only=local_only, use_safetensors=True, **kwargs)
 
 
 def load_model(name: str, device: str = "cpu") -> LoadedModel:
@@ -134,16 +135,20 @@ def _load(spec: ModelSpec, device: str) -> LoadedModel:
         from quest_export.pipelines.digits import DigitsPipeline
 
         try:
-            pipe = DigitsPipeline.from_pretrained(spec.source)
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"cannot load the digits model from {spec.source}: {str(exc).splitlines()[0]}") from None
+            pipe = DigitsPipeline.from_pretrained(spec.source, use_safetensors=True)
+        except Exception as exc:  # noqa: BLE001 - damaged weights raise library-specific errors
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"cannot load the digits model from {spec.source}: {first.rstrip('. ')}; "
+                            "its files are damaged or incomplete: re-save it (train-demo) or reinstall the package") from None
         return LoadedModel(spec, pipe.to(device))
     if spec.is_local:
         try:
             pipe = _load_diffusers(spec.source, local_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - damaged weights raise library-specific errors
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(
-                f"cannot load diffusers model from {spec.source}: {str(exc).splitlines()[0]}"
+                f"cannot load diffusers model from {spec.source}: {first.rstrip('. ')}; "
+                "check that the folder is complete (save_pretrained with safetensors weights) or re-download it"
             ) from None
         return LoadedModel(spec, pipe.to(device))
     try:
@@ -151,8 +156,12 @@ def _load(spec: ModelSpec, device: str) -> LoadedModel:
     except Exception:  # noqa: BLE001 - any cache miss falls through to the hub
         pipe = None
     if pipe is None:
+        if spec.name in SD_ALIASES:
+            what = f"model {spec.name!r} ({spec.source}) is not in the local Hugging Face cache"
+        else:  # an org/name that is not a local folder either
+            what = f"model {spec.name!r} is neither a local directory nor in the local Hugging Face cache"
         hint = (
-            f"model {spec.name!r} ({spec.source}) is not in the local Hugging Face cache"
+            what
             + (" and HF_HUB_OFFLINE is set" if _hub_offline() else " and could not be downloaded")
             + f"; download it where the hub is reachable (huggingface-cli download {spec.source}) "
             "and pass the folder with --model /path/to/dir"

@@ -1,0 +1,60 @@
+"""Engine file storage: packed 4-bit weights round-trip exactly and the compacted graph computes the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from quest_export.engine.storage import PACKED_KEY, load_engine_model, store_engine_model, unpack_int4_initializers
+from quest_export.export.parity import ort_session
+
+
+def _int_matmul_model(w4: np.ndarray, w8: np.ndarray) -> onnx.ModelProto:
+    """x -> DQ(w4) matmul -> DQ(w8) matmul: one weight on the 4-bit grid, one using all 8 bits."""
+    inits = [numpy_helper.from_array(w4, "layer_a.weight_codes"), numpy_helper.from_array(w8, "layer_b.weight_codes"),
+             numpy_helper.from_array(np.float32(0.05), "scale"), numpy_helper.from_array(np.int8(0), "zero")]
+    nodes = [helper.make_node("DequantizeLinear", ["layer_a.weight_codes", "scale", "zero"], ["wa"], name="/layer_a/DQ"),
+             helper.make_node("MatMul", ["x", "wa"], ["h"], name="/layer_a/MatMul"),
+             helper.make_node("DequantizeLinear", ["layer_b.weight_codes", "scale", "zero"], ["wb"], name="/layer_b/DQ"),
+             helper.make_node("MatMul", ["h", "wb"], ["y"], name="/layer_b/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])], inits,
+                              value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [3, 16])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_packed_engine_file_is_smaller_and_computes_bit_identically(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    w4 = rng.integers(-8, 8, size=(16, 15)).astype(np.int8)  # odd element count: the last byte is half used
+    w4 = np.pad(w4, ((0, 0), (0, 1)))
+    w8 = rng.integers(-128, 128, size=(16, 8)).astype(np.int8)
+    model = _int_matmul_model(w4, w8)
+    x = {"x": rng.normal(size=(3, 16)).astype(np.float32)}
+    expected = ort_session(model, optimize=False).run(None, x)[0]
+
+    stored = onnx.ModelProto()
+    stored.CopyFrom(model)
+    report = store_engine_model(stored)
+    assert report == {"packed_int4_weights": 1, "int8_weights": ["layer_b.weight_codes"]}
+    assert stored.ByteSize() < model.ByteSize() - w4.size // 2 + 16
+    assert not stored.graph.value_info and all(not n.name for n in stored.graph.node)
+    weights = sorted(i.data_type for i in stored.graph.initializer if len(i.dims) == 2)
+    assert weights == [TensorProto.INT8, TensorProto.INT4]  # the zero point (a scalar) stays INT8 too
+    path = tmp_path / "engine.onnx"
+    onnx.save_model(stored, str(path))
+    got = ort_session(onnx.load_from_string(load_engine_model(str(path))), optimize=False).run(None, x)[0]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_unpack_refuses_a_file_whose_packed_list_does_not_match() -> None:
+    model = _int_matmul_model(np.zeros((16, 16), np.int8), np.full((16, 8), 100, np.int8))
+    store_engine_model(model)
+    entry = next(p for p in model.metadata_props if p.key == PACKED_KEY)
+    entry.value += ",missing"
+    try:
+        unpack_int4_initializers(model)
+    except ValueError as exc:
+        assert "packed" in str(exc)
+    else:
+        raise AssertionError("a damaged packed list must be refused")
