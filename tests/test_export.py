@@ -74,6 +74,13 @@ def test_onnxruntime_export_matches_simulation_and_runs_integer_kernels(exported
     assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
     assert any(i.name == "quest_timestep_lookup" for i in model.graph.initializer)
     assert [p.name for p in directory.parent.iterdir() if p.name.startswith(".")] == []
+    # per-timestep tables as run-time per-sample Q scales (no rescaling Muls), 4-bit grids clipped on the codes
+    nodes = list(model.graph.node)
+    assert not any(n.name.endswith("/Rescale") for n in nodes)
+    table_q = [n for n in nodes if n.op_type == "QuantizeLinear" and n.input[1].endswith(".timestep_scale")]
+    assert table_q and all(any(a.name == "axis" and a.i == 0 for a in n.attribute) for n in table_q)
+    assert any(n.name.endswith("/ClipCodes") for n in nodes)
+    assert any(n.op_type == "DequantizeLinear" and n.input[1].endswith(".output_scale") for n in nodes)
 
 
 def test_tensorrt_export_is_fp16_passes_lint_and_strict_fp32_parity(exported: dict[str, Path]) -> None:

@@ -7,6 +7,15 @@ quantizer has a per-timestep table, the linear op it feeds is followed by ``Mul(
 (timestep_tables.py). Sub-8-bit activation grids live in 8-bit containers: an exact Clip to the
 grid before Q (clipping at ``q * s0`` bounds equals clamping the rounded code).
 
+On targets that accept run-time scales outside the fused kernels (ONNX Runtime), a per-timestep
+table is applied without the rescaling Muls: the standalone ``QuantizeLinear`` takes the gathered
+per-sample scale ``s_t`` (per-axis on the batch axis, the very ``round(x / s_t)`` of the
+simulation), the ``DequantizeLinear`` that the integer kernel fuses keeps the constant ``s0`` (so the
+kernel runs in the rescaled domain as before), sub-8-bit grids are clipped on the integer codes, and a
+conv's output ``DequantizeLinear`` takes the per-sample ``s_out / f_t`` instead of a ``Mul(1 / f_t)``.
+That removes two full passes over every activation per quantized layer (the largest overhead of the
+table construction on CPU, measured on digits).
+
 A quantizer the target cannot express is refused here with a clear message, never changed.
 """
 
@@ -34,6 +43,9 @@ LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
 # targets whose integer MatMul kernel needs a plain MatMul (ONNX Runtime CPU: Gemm with a float bias
 # does not fuse); their quantized Linear layers read by Gemm are exported as MatMul + Add
 GEMM_AS_MATMUL = ("onnxruntime",)
+# targets whose standalone Q / output DQ may read a per-sample scale gathered at run time (TensorRT
+# needs constant scales everywhere)
+RUNTIME_SCALES = ("onnxruntime",)
 
 
 def _plain_gemm(node: gs.Node, weight: gs.Tensor) -> bool:
@@ -100,6 +112,8 @@ class QDQBuilder:
         self._inverse: dict[str, list[np.ndarray]] = {}  # linear node name -> factor tables of its inputs
         self._linear_nodes: dict[str, gs.Node] = {}
         self._output_markers: dict[str, gs.Variable] = {}  # linear node name -> output DQ variable
+        self._output_dq: dict[str, tuple[gs.Node, float, float]] = {}  # linear node -> (output DQ, scale, zero point)
+        self.runtime_scales = profile.name in RUNTIME_SCALES
 
     # -- helpers -------------------------------------------------------------------------------
     def _const(self, name: str, value: np.ndarray) -> gs.Constant:
@@ -131,6 +145,32 @@ class QDQBuilder:
         g.layer(op="QuantizeLinear", name=f"{name}/Q", inputs=[x, scale_c, zp], outputs=[codes])
         g.layer(op="DequantizeLinear", name=f"{name}/DQ", inputs=[codes, scale_c, zp], outputs=[out])
         return codes.name
+
+    def _gathered(self, name: str, table: np.ndarray) -> gs.Variable:
+        """``table[group]``, one value per sample (shape ``(batch,)``): a per-axis Q/DQ parameter."""
+        return self.graph.layer(op="Gather", name=f"{name}/Gather", inputs=[self._const(f"{name}_table", table),
+                                self.groups.groups()], outputs=[gs.Variable(name)])[0]
+
+    def _runtime_qdq(self, name: str, x: gs.Tensor, out: gs.Variable, table: np.ndarray, s0: float,
+                     zero_point: float, spec) -> str:
+        """``x -> Q(s_t per sample) -> [integer Clip] -> DQ(s0) -> out``; returns the codes tensor name."""
+        zp = self._zero_point(name, zero_point, spec.signed)
+        dtype = zp.values.dtype
+        scale_t = self._gathered(f"{name}.timestep_scale", table.astype(np.float32))
+        zp_t = self._gathered(f"{name}.timestep_zero_point", np.full(table.shape, zero_point, dtype))
+        container = np.iinfo(dtype)
+        clipped = spec.qmin > container.min or spec.qmax < container.max
+        final = gs.Variable(f"quest_codes/{name}", dtype)
+        codes = gs.Variable(f"{name}.unclipped_codes", dtype) if clipped else final
+        self.graph.layer(op="QuantizeLinear", name=f"{name}/Q", inputs=[x, scale_t, zp_t], outputs=[codes],
+                         attrs={"axis": 0})
+        if clipped:
+            self.graph.layer(op="Clip", name=f"{name}/ClipCodes", inputs=[
+                codes, self._const(f"{name}.qmin", np.array(spec.qmin, dtype)),
+                self._const(f"{name}.qmax", np.array(spec.qmax, dtype))], outputs=[final])
+        self.graph.layer(op="DequantizeLinear", name=f"{name}/DQ", inputs=[final, self._const(f"{name}.scale", np.array(s0, np.float32)), zp],
+                         outputs=[out])
+        return final.name
 
     def _table(self, quantizer: ActivationQuantizer) -> tuple[np.ndarray, float]:
         table = quantizer.scale.detach().double().cpu().numpy()
@@ -215,14 +255,18 @@ class QDQBuilder:
         node.inputs.clear()
         node.outputs.clear()
         table, s0 = self._table(quantizer)
-        if table.size > 1:
+        if table.size > 1 and self.runtime_scales:
+            codes = self._runtime_qdq(name, x, out, table, s0, float(quantizer.zero_point), quantizer.spec)
+        elif table.size > 1:
             rank = self.ranks.get(out.name)
             if rank is None:
                 raise ExportError(f"{name}: cannot infer the rank of its tensor")
             factor = self.groups.factor(rescale_factors(table, s0), rank, f"{name}.timestep_factor")
             x = self.graph.layer(op="Mul", name=f"{name}/Rescale", inputs=[x, factor],
                                  outputs=[gs.Variable(f"{name}.rescaled")])[0]
-        codes = self._qdq(name, x, out, s0, float(quantizer.zero_point), quantizer.spec)
+            codes = self._qdq(name, x, out, s0, float(quantizer.zero_point), quantizer.spec)
+        else:
+            codes = self._qdq(name, x, out, s0, float(quantizer.zero_point), quantizer.spec)
         consumers = self._linear_consumers(out, name)
         if table.size > 1:
             for linear in consumers:
@@ -243,6 +287,7 @@ class QDQBuilder:
         scale = s0 * float(quantizer.log_ratio.detach().exp())
         codes = self._qdq(name, y, out, scale, float(quantizer.zero_point), quantizer.spec)
         self._output_markers[producer.name] = out
+        self._output_dq[producer.name] = (out.inputs[0], scale, float(quantizer.zero_point))
         unscale = (1.0 / rescale_factors(table, s0)).tolist() if table.size > 1 else None
         self.records.append(QuantizedTensor(
             name, "output", quantizer.spec.bits, quantizer.spec.signed, "per-tensor",
@@ -253,6 +298,13 @@ class QDQBuilder:
         for node_name, tables in self._inverse.items():
             node = self._linear_nodes[node_name]
             inverse = np.float32(1.0) / np.prod(np.stack(tables), axis=0).astype(np.float32)
+            if self.runtime_scales and node_name in self._output_dq:
+                dq, scale, zero_point = self._output_dq[node_name]
+                dq.inputs[1] = self._gathered(f"{node_name}.output_scale", (scale * inverse).astype(np.float32))
+                dq.inputs[2] = self._gathered(f"{node_name}.output_zero_point", np.full(inverse.shape, zero_point,
+                                                                                        dq.inputs[2].values.dtype))
+                dq.attrs["axis"] = 0
+                continue
             after = self._output_markers.get(node_name, node.outputs[0])
             rank = self.ranks.get(node.outputs[0].name)
             if rank is None:
