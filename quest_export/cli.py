@@ -685,6 +685,7 @@ def bench(
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
     iterations: Annotated[int, typer.Option("--iterations", min=1)] = 15,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the measurements JSON here.")] = None,
+    profile: Annotated[bool, typer.Option("--profile", help="Also print where the time goes: ONNX Runtime's profiler, ms per op type, both engines.")] = False,
 ) -> None:
     """Median latency per UNet call of a quantized engine vs the FP32 engine of the same UNet on the
     same backend, measured in this run, and the file size ratio."""
@@ -702,18 +703,35 @@ def bench(
     if json_out is not None:
         json_out = _prepare_out_file(json_out)
     if model is not None:
-        result = bench_unet(bits, threads, warmup, iterations, log=lambda line: typer.echo(line, err=True))
+        result = bench_unet(bits, threads, warmup, iterations, log=lambda line: typer.echo(line, err=True), profile=profile)
     else:
-        result = bench_engine_dir(engine, threads, warmup, iterations)
+        result = bench_engine_dir(engine, threads, warmup, iterations, profile=profile)
     table = Table(title="latency per UNet call (median)")
     for column in ("engine", "quantized ms", "FP32 ms", "speedup", "size ratio"):
         table.add_column(column)
     table.add_row(str(result.get("engine") or f"bench-unet {bits}"), f"{result['latency_ms']:.1f}", f"{result['fp32_latency_ms']:.1f}",
                   f"{result['speedup']:.2f}x", f"{result['size_ratio']:.3f}")
     console.print(table)
+    if profile:
+        _print_op_profile(result["profile"])
     if json_out is not None:
         write_json_atomic(json_out, result)
         console.print(f"wrote {json_out}")
+
+
+def _print_op_profile(profile: dict[str, dict[str, dict[str, float]]], rows: int = 12) -> None:
+    table = Table(title="where the time goes (ONNX Runtime profiler, ms per call by op type)")
+    for column in ("quantized op", "ms", "nodes", "FP32 op", "ms", "nodes"):
+        table.add_column(column)
+    quantized, fp32 = list(profile["quantized"].items()), list(profile["fp32"].items())
+    for i in range(min(rows, max(len(quantized), len(fp32)))):
+        cells: list[str] = []
+        for ops in (quantized, fp32):
+            cells += [ops[i][0], f"{ops[i][1]['ms']:.1f}", str(ops[i][1]["nodes"])] if i < len(ops) else ["", "", ""]
+        table.add_row(*cells)
+    totals = [f"{sum(v['ms'] for v in profile[k].values()):.1f}" for k in ("quantized", "fp32")]
+    table.add_row("total", totals[0], "", "total", totals[1], "")
+    console.print(table)
 
 
 def _on_signal(signum: int, _frame: object) -> None:

@@ -58,3 +58,14 @@ def test_unpack_refuses_a_file_whose_packed_list_does_not_match() -> None:
         assert "packed" in str(exc)
     else:
         raise AssertionError("a damaged packed list must be refused")
+
+
+def test_op_profile_sums_kernel_time_per_op_type() -> None:
+    from quest_export.engine.bench import op_profile
+
+    rng = np.random.default_rng(1)
+    model = _int_matmul_model(rng.integers(-8, 8, size=(16, 16)).astype(np.int8), rng.integers(-128, 128, size=(16, 8)).astype(np.int8))
+    profile = op_profile(model.SerializeToString(), {"x": rng.normal(size=(3, 16)).astype(np.float32)}, threads=1, calls=2)
+    assert profile["MatMul"]["nodes"] == 2 and profile["DequantizeLinear"]["nodes"] == 2
+    assert all(entry["ms"] >= 0 for entry in profile.values())
+    assert list(profile) == sorted(profile, key=lambda op: -profile[op]["ms"])  # most expensive first

@@ -40,6 +40,37 @@ def measure(quantized: Callable[[], Any], fp32: Callable[[], Any], warmup: int, 
             "latency_ms_spread": [min(q_times), max(q_times)], "fp32_latency_ms_spread": [min(f_times), max(f_times)]}
 
 
+def op_profile(model_bytes: bytes, feeds: dict[str, np.ndarray], threads: int, calls: int = 5) -> dict[str, dict[str, float]]:
+    """Where one call's time goes: ONNX Runtime's profiler, kernel time summed per op type
+    (ms per call and node count), over ``calls`` calls after one warm-up. The profiler's own
+    overhead inflates small ops a little; compare op types, not the total with the timed latency."""
+    import json
+    import os
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="quest-profile-") as tmp:
+        options = onnxruntime_backend.session_options(threads, True, optimize=False)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        session.run(None, feeds)
+        for _ in range(calls):
+            session.run(None, feeds)
+        trace_file = session.end_profiling()
+        events = json.loads(Path(trace_file).read_text())
+        os.unlink(trace_file)
+    per_op: dict[str, list[float]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            entry = per_op.setdefault(event["args"]["op_name"], [0.0, 0.0])
+            entry[0] += event["dur"] / 1000.0
+            entry[1] += 1
+    runs = calls + 1
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1][0])
+    return {op: {"ms": round(total / runs, 2), "nodes": int(count // runs)} for op, (total, count) in ranked}
+
+
 def fp32_engine(float_graph: onnx.ModelProto, directory: Path, ort_settings: dict[str, Any]) -> tuple[Path, int]:
     """Save the FP32 graph and build its ORT engine (same optimisations as the quantized one)."""
     source = directory / "fp32.onnx"
@@ -51,7 +82,7 @@ def fp32_engine(float_graph: onnx.ModelProto, directory: Path, ort_settings: dic
 
 
 def bench_sessions(engine_model: Path, float_graph: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int,
-                   warmup: int, iterations: int) -> dict[str, Any]:
+                   warmup: int, iterations: int, profile: bool = False) -> dict[str, Any]:
     """Time the quantized engine against the FP32 engine built here from ``float_graph``."""
     import onnxruntime as ort
 
@@ -59,10 +90,13 @@ def bench_sessions(engine_model: Path, float_graph: onnx.ModelProto, feeds: dict
     with tempfile.TemporaryDirectory(prefix="quest-bench-") as tmp:
         fp32_model, fp32_onnx_bytes = fp32_engine(float_graph, Path(tmp), settings)
         options = onnxruntime_backend.session_options(threads, True, optimize=False)
-        q_session = ort.InferenceSession(storage.load_engine_model(str(engine_model)), options, providers=["CPUExecutionProvider"])
-        f_session = ort.InferenceSession(storage.load_engine_model(str(fp32_model)), options, providers=["CPUExecutionProvider"])
+        q_bytes, f_bytes = storage.load_engine_model(str(engine_model)), storage.load_engine_model(str(fp32_model))
+        q_session = ort.InferenceSession(q_bytes, options, providers=["CPUExecutionProvider"])
+        f_session = ort.InferenceSession(f_bytes, options, providers=["CPUExecutionProvider"])
         fp32_engine_bytes = fp32_model.stat().st_size
         result = measure(lambda: q_session.run(None, feeds), lambda: f_session.run(None, feeds), warmup, iterations)
+        if profile:
+            result["profile"] = {"quantized": op_profile(q_bytes, feeds, threads), "fp32": op_profile(f_bytes, feeds, threads)}
     engine_bytes = Path(engine_model).stat().st_size
     result.update({
         "engine_bytes": engine_bytes,
@@ -78,7 +112,8 @@ def bench_sessions(engine_model: Path, float_graph: onnx.ModelProto, feeds: dict
     return result
 
 
-def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Callable[[str], None] = print,
+               profile: bool = False) -> dict[str, Any]:
     """``--model bench-unet``: plain PTQ (one scale set) on random inputs, export with parity check,
     ORT engine, timed against its FP32 engine."""
     import torch
@@ -125,14 +160,14 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
         kernels = integer_kernel_report(path, linear)
         log(f"timing {iterations} calls each after {warmup} warm-up calls ...")
         result = bench_sessions(engine_dir / onnxruntime_backend.MODEL_FILE, passes.strip_markers(marked), feeds,
-                                threads, warmup, iterations)
+                                threads, warmup, iterations, profile)
     result.update({"model": "bench-unet", "bits": bits, "backend": "onnxruntime", "method": "ptq",
                    "parity_min_code_agreement": check.min_code_agreement, "integer_kernels": kernels,
                    "total_seconds": round(time.perf_counter() - started, 1)})
     return result
 
 
-def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int) -> dict[str, Any]:
+def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int, profile: bool = False) -> dict[str, Any]:
     """An ONNX Runtime engine directory against the FP32 engine of its source checkpoint's UNet."""
     import torch
 
@@ -158,6 +193,7 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
         "encoder_hidden_states": torch.randn(batch, tokens, config["cross_attention_dim"], generator=generator).numpy(),
     }
     marked, _ = trace.trace_marked_graph(qunet, trace.example_inputs(qunet.unet, batch=batch, tokens=tokens))
-    result = bench_sessions(Path(directory) / manifest["model_file"], passes.strip_markers(marked), feeds, threads, warmup, iterations)
+    result = bench_sessions(Path(directory) / manifest["model_file"], passes.strip_markers(marked), feeds, threads, warmup,
+                            iterations, profile)
     result.update({"engine": str(directory), "backend": "onnxruntime", "bits": manifest["source_checkpoint"].get("bits")})
     return result

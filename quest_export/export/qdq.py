@@ -114,6 +114,7 @@ class QDQBuilder:
         self._output_markers: dict[str, gs.Variable] = {}  # linear node name -> output DQ variable
         self._output_dq: dict[str, tuple[gs.Node, float, float]] = {}  # linear node -> (output DQ, scale, zero point)
         self.runtime_scales = profile.name in RUNTIME_SCALES
+        self._per_sample_zero_points: dict[tuple[float, str, int], gs.Variable] = {}
 
     # -- helpers -------------------------------------------------------------------------------
     def _const(self, name: str, value: np.ndarray) -> gs.Constant:
@@ -151,13 +152,22 @@ class QDQBuilder:
         return self.graph.layer(op="Gather", name=f"{name}/Gather", inputs=[self._const(f"{name}_table", table),
                                 self.groups.groups()], outputs=[gs.Variable(name)])[0]
 
+    def _per_sample_zero_point(self, value: float, dtype: np.dtype, groups: int) -> gs.Variable:
+        """A zero point repeated per sample (per-axis Q/DQ need one per scale), shared by every
+        quantizer with that value: one Gather each instead of one per quantizer."""
+        key = (float(value), np.dtype(dtype).name, int(groups))
+        if key not in self._per_sample_zero_points:
+            name = f"quest_zero_point_{np.dtype(dtype).name}_{int(value)}_of_{int(groups)}"
+            self._per_sample_zero_points[key] = self._gathered(name, np.full(groups, value, dtype))
+        return self._per_sample_zero_points[key]
+
     def _runtime_qdq(self, name: str, x: gs.Tensor, out: gs.Variable, table: np.ndarray, s0: float,
                      zero_point: float, spec) -> str:
         """``x -> Q(s_t per sample) -> [integer Clip] -> DQ(s0) -> out``; returns the codes tensor name."""
         zp = self._zero_point(name, zero_point, spec.signed)
         dtype = zp.values.dtype
         scale_t = self._gathered(f"{name}.timestep_scale", table.astype(np.float32))
-        zp_t = self._gathered(f"{name}.timestep_zero_point", np.full(table.shape, zero_point, dtype))
+        zp_t = self._per_sample_zero_point(zero_point, dtype, table.size)
         container = np.iinfo(dtype)
         clipped = spec.qmin > container.min or spec.qmax < container.max
         final = gs.Variable(f"quest_codes/{name}", dtype)
@@ -301,8 +311,7 @@ class QDQBuilder:
             if self.runtime_scales and node_name in self._output_dq:
                 dq, scale, zero_point = self._output_dq[node_name]
                 dq.inputs[1] = self._gathered(f"{node_name}.output_scale", (scale * inverse).astype(np.float32))
-                dq.inputs[2] = self._gathered(f"{node_name}.output_zero_point", np.full(inverse.shape, zero_point,
-                                                                                        dq.inputs[2].values.dtype))
+                dq.inputs[2] = self._per_sample_zero_point(zero_point, dq.inputs[2].values.dtype, inverse.size)
                 dq.attrs["axis"] = 0
                 continue
             after = self._output_markers.get(node_name, node.outputs[0])
