@@ -351,12 +351,7 @@ def test_second_writer_is_refused_and_sigterm_leaves_nothing(tmp_path: Path) -> 
     assert_one_line_error(_record(second.args[3:], CliResult(second.returncode, second.stdout, second.stderr)), 2,
                           f"{out} is being written by another quest-export process (pid {first.pid}); wait for it or remove the stale lock {lock}")
     time.sleep(1.0)
-    first.send_signal(signal.SIGTERM)
-    _, stderr = first.communicate(timeout=120)
-    _record(first.args[3:], CliResult(first.returncode, "", stderr))
-    assert first.returncode == 130, stderr
-    assert _last_line(stderr) == f"error: interrupted by SIGTERM; partial output removed, {out} was not written"
-    assert not out.exists() and _hidden(tmp_path) == []
+    _sigterm_leaves_nothing(first, out, tmp_path)
 
 
 def test_stale_lock_and_temporaries_of_a_dead_writer_are_taken_over(run_main, tmp_path: Path) -> None:
@@ -443,6 +438,16 @@ def test_sigint_mid_finetune_then_resume(run_main, tmp_path: Path, digits_calibr
     assert _hidden(tmp_path) == []  # the state file is gone after success
 
 
+def _sigterm_leaves_nothing(proc: subprocess.Popen, out: Path, tmp_path: Path) -> None:
+    """SIGTERM a running command: exit 130, one line, no output and no hidden temporaries."""
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    _record(proc.args[3:], CliResult(proc.returncode, "", stderr))
+    assert proc.returncode == 130, stderr
+    assert _last_line(stderr) == f"error: interrupted by SIGTERM; partial output removed, {out} was not written"
+    assert not out.exists() and _hidden(tmp_path) == []
+
+
 def _temp_dir_of(out: Path):
     return lambda: any(p.name.startswith(f".{out.name}.") and p.name.endswith(".tmp") for p in out.parent.iterdir())
 
@@ -452,12 +457,7 @@ def test_sigterm_mid_export_leaves_nothing(art, tmp_path: Path) -> None:
     out = tmp_path / "onnx"
     proc = _popen(tmp_path, "export", art.ckpt, "--no-verify", "--out", out)
     _wait_for(_temp_dir_of(out), proc)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    _record(proc.args[3:], CliResult(proc.returncode, "", stderr))
-    assert proc.returncode == 130, stderr
-    assert _last_line(stderr) == f"error: interrupted by SIGTERM; partial output removed, {out} was not written"
-    assert not out.exists() and _hidden(tmp_path) == []
+    _sigterm_leaves_nothing(proc, out, tmp_path)
 
 
 def test_kill_9_mid_export_then_the_next_run_cleans_up(run_main, art, tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from torch import nn
 
 from quest.quantize import QuantizedUNet
 from quest.timesteps import groups_for
+from quest_export.export.passes import tensor_types
 from quest_export.export.qdq import QuantizedTensor
 
 MIN_CODE_AGREEMENT = 0.999
@@ -124,13 +125,6 @@ def _run_simulation(qunet: QuantizedUNet, inputs: ParityInputs, names: set[str],
         for handle in handles:
             handle.remove()
     return codes, deviation, out.float().numpy(), tie_distance
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor whose type ONNX's inference can tell."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    infos = [*inferred.graph.value_info, *inferred.graph.output]
-    return {vi.name: vi.type.tensor_type.elem_type for vi in infos if vi.type.tensor_type.elem_type}
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[tuple[str, int]]) -> onnx.ModelProto:
@@ -226,7 +220,7 @@ def check_parity(model: onnx.ModelProto, records: list[QuantizedTensor], qunet: 
     factors = {r.name: r.source_factors for r in active if r.source_factors}
     float_elem = onnx.TensorProto.FLOAT16 if graph_precision == "fp16" else onnx.TensorProto.FLOAT
     extra = [(r.codes, onnx.TensorProto.INT8 if r.signed else onnx.TensorProto.UINT8) for r in active]
-    declared = _tensor_types(model)  # the FP16 graph keeps some tensors FP32 (timestep embedding)
+    declared = tensor_types(model)  # the FP16 graph keeps some tensors FP32 (timestep embedding)
     extra += [(s, declared.get(s, float_elem)) for s in sources.values() if s not in ("sample", "encoder_hidden_states")]
     feeds = inputs.feeds()  # graph inputs and outputs are FP32 on both targets
     session = ort_session(_with_outputs(model, extra), optimize=False)

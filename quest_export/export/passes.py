@@ -30,6 +30,25 @@ def redirect(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     graph.outputs = [new if t is old else t for t in graph.outputs]
 
 
+def to_model(graph: gs.Graph, opset_import) -> onnx.ModelProto:
+    """Export a graphsurgeon graph with the given opset imports at this project's IR version
+    (graphsurgeon would write its own defaults: IR 14, which ONNX Runtime cannot read)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(opset_import)
+    model.ir_version = IR_VERSION
+    return model
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor ONNX's type inference can tell (initializers included)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in infos if vi.type.tensor_type.elem_type}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    return types
+
+
 def strip_markers(model: onnx.ModelProto) -> onnx.ModelProto:
     """Bypass every ``quest::Mark`` node: the float model the checkpoint was made from."""
     graph = gs.import_onnx(model)
@@ -53,11 +72,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.ir_version = IR_VERSION  # what ONNX Runtime (which evaluates the folded nodes) reads
     graph.fold_constants(should_exclude_node=lambda node: node.op in QDQ_OPS, error_ok=True)
     graph.cleanup().toposort()
-    folded = gs.export_onnx(graph, do_type_check=False)
-    del folded.opset_import[:]
-    folded.opset_import.extend(model.opset_import)
-    folded.ir_version = IR_VERSION
-    return folded
+    return to_model(graph, model.opset_import)
 
 
 def _keeps_fp32(node: onnx.NodeProto) -> bool:
@@ -81,15 +96,6 @@ def _fp32_island(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     island |= {n.name for n in model.graph.node if n.op_type == "Cast" and readers.get(n.output[0])
                and all(r in island for r in readers[n.output[0]])}
     return [n for n in model.graph.node if n.name in island]
-
-
-def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    """Names of the FP32 tensors of ``model`` (type inference on the FP32 graph)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    floats = {vi.name for vi in infos if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    floats |= {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    return floats
 
 
 def _cast(name: str, source: str, target: str, to: int) -> onnx.NodeProto:
@@ -127,11 +133,7 @@ def _rejoin_island(converted: onnx.ModelProto, island: list[onnx.NodeProto],
     graph.initializer.extend(island_inits)
     sorted_graph = gs.import_onnx(converted)
     sorted_graph.toposort()
-    out = gs.export_onnx(sorted_graph, do_type_check=False)
-    del out.opset_import[:]
-    out.opset_import.extend(converted.opset_import)
-    out.ir_version = IR_VERSION
-    return out
+    return to_model(sorted_graph, converted.opset_import)
 
 
 def to_fp16(model: onnx.ModelProto, timestep_input: str = "timestep") -> onnx.ModelProto:
@@ -145,7 +147,7 @@ def to_fp16(model: onnx.ModelProto, timestep_input: str = "timestep") -> onnx.Mo
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
     del bare.graph.value_info[:]  # stale FP32 annotations would contradict the converted nodes
-    floats = _float_tensors(bare)
+    floats = {name for name, elem in tensor_types(bare).items() if elem == onnx.TensorProto.FLOAT}
     island = [onnx.NodeProto.FromString(n.SerializeToString()) for n in _fp32_island(bare)]
     island_names = {n.name for n in island}
     outside_reads = {name for n in bare.graph.node if n.name not in island_names for name in n.input}

@@ -33,7 +33,7 @@ from quest.profiles import TargetProfile
 from quest.quantizers import ActivationQuantizer, TiedOutputQuantizer, WeightQuantizer
 from quest_export.errors import UserError
 from quest_export.export.markers import MARK_DOMAIN, MARK_OP
-from quest_export.export.passes import redirect
+from quest_export.export.passes import redirect, to_model
 from quest_export.export.timestep_tables import TimestepGroups, reference_scale, rescale_factors
 
 LINEAR_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
@@ -147,18 +147,13 @@ class QDQBuilder:
         g.layer(op="DequantizeLinear", name=f"{name}/DQ", inputs=[codes, scale_c, zp], outputs=[out])
         return codes.name
 
-    def _gathered(self, name: str, table: np.ndarray) -> gs.Variable:
-        """``table[group]``, one value per sample (shape ``(batch,)``): a per-axis Q/DQ parameter."""
-        return self.graph.layer(op="Gather", name=f"{name}/Gather", inputs=[self._const(f"{name}_table", table),
-                                self.groups.groups()], outputs=[gs.Variable(name)])[0]
-
     def _per_sample_zero_point(self, value: float, dtype: np.dtype, groups: int) -> gs.Variable:
         """A zero point repeated per sample (per-axis Q/DQ need one per scale), shared by every
         quantizer with that value: one Gather each instead of one per quantizer."""
         key = (float(value), np.dtype(dtype).name, int(groups))
         if key not in self._per_sample_zero_points:
             name = f"quest_zero_point_{np.dtype(dtype).name}_{int(value)}_of_{int(groups)}"
-            self._per_sample_zero_points[key] = self._gathered(name, np.full(groups, value, dtype))
+            self._per_sample_zero_points[key] = self.groups.per_sample(name, np.full(groups, value, dtype))
         return self._per_sample_zero_points[key]
 
     def _runtime_qdq(self, name: str, x: gs.Tensor, out: gs.Variable, table: np.ndarray, s0: float,
@@ -166,7 +161,7 @@ class QDQBuilder:
         """``x -> Q(s_t per sample) -> [integer Clip] -> DQ(s0) -> out``; returns the codes tensor name."""
         zp = self._zero_point(name, zero_point, spec.signed)
         dtype = zp.values.dtype
-        scale_t = self._gathered(f"{name}.timestep_scale", table.astype(np.float32))
+        scale_t = self.groups.per_sample(f"{name}.timestep_scale", table.astype(np.float32))
         zp_t = self._per_sample_zero_point(zero_point, dtype, table.size)
         container = np.iinfo(dtype)
         clipped = spec.qmin > container.min or spec.qmax < container.max
@@ -310,7 +305,7 @@ class QDQBuilder:
             inverse = np.float32(1.0) / np.prod(np.stack(tables), axis=0).astype(np.float32)
             if self.runtime_scales and node_name in self._output_dq:
                 dq, scale, zero_point = self._output_dq[node_name]
-                dq.inputs[1] = self._gathered(f"{node_name}.output_scale", (scale * inverse).astype(np.float32))
+                dq.inputs[1] = self.groups.per_sample(f"{node_name}.output_scale", (scale * inverse).astype(np.float32))
                 dq.inputs[2] = self._per_sample_zero_point(zero_point, dq.inputs[2].values.dtype, inverse.size)
                 dq.attrs["axis"] = 0
                 continue
@@ -358,8 +353,4 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, nn.Module], profile
     ranks = tensor_ranks(model)
     graph = gs.import_onnx(model)
     records = QDQBuilder(graph, quantizers, profile, lookup, ranks).run()
-    out = gs.export_onnx(graph, do_type_check=False)
-    del out.opset_import[:]
-    out.opset_import.extend([onnx.helper.make_opsetid("", opset)])
-    out.ir_version = 10  # opset 21 needs IR >= 10; ONNX Runtime 1.31 reads up to 13
-    return out, records
+    return to_model(graph, [onnx.helper.make_opsetid("", opset)]), records

@@ -54,12 +54,17 @@ class TimestepGroups:
                                outputs=[gs.Variable("quest_group", dtype=np.int64)])[0]
         return self._groups
 
+    def per_sample(self, name: str, table: np.ndarray, table_name: str | None = None) -> gs.Variable:
+        """``table[group]``, one value per sample (shape ``(batch,)``; a per-axis Q/DQ parameter);
+        the table keeps its dtype."""
+        self._count += 1
+        constant = gs.Constant(table_name or f"{name}_table", np.ascontiguousarray(table))
+        return self.graph.layer(op="Gather", name=f"{name}/Gather", inputs=[constant, self.groups()],
+                                outputs=[gs.Variable(name)])[0]
+
     def factor(self, table: np.ndarray, rank: int, name: str) -> gs.Variable:
         """``table[group]`` per sample, shaped ``(batch, 1, ..., 1)`` to broadcast over a rank-``rank`` tensor."""
-        self._count += 1
-        g = self.graph
-        gathered = g.layer(op="Gather", inputs=[gs.Constant(f"{name}_table", table.astype(np.float32)), self.groups()],
-                           outputs=[gs.Variable(f"{name}_gathered")])[0]
+        gathered = self.per_sample(f"{name}_gathered", table.astype(np.float32), table_name=f"{name}_table")
         shape = np.array([-1] + [1] * (rank - 1), np.int64)
-        return g.layer(op="Reshape", inputs=[gathered, gs.Constant(f"{name}_shape", shape)],
-                       outputs=[gs.Variable(f"{name}")])[0]
+        return self.graph.layer(op="Reshape", inputs=[gathered, gs.Constant(f"{name}_shape", shape)],
+                                outputs=[gs.Variable(f"{name}")])[0]
