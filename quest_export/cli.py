@@ -685,7 +685,7 @@ def bench(
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
     iterations: Annotated[int, typer.Option("--iterations", min=1)] = 15,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the measurements JSON here.")] = None,
-    profile: Annotated[bool, typer.Option("--profile", help="Also print where the time goes: ONNX Runtime's profiler, ms per op type, both engines.")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="Also print where the time goes (ONNX Runtime's profiler, ms per op type, both engines) and the speedup ceiling that sets.")] = False,
 ) -> None:
     """Median latency per UNet call of a quantized engine vs the FP32 engine of the same UNet on the
     same backend, measured in this run, and the file size ratio."""
@@ -714,6 +714,7 @@ def bench(
     console.print(table)
     if profile:
         _print_op_profile(result["profile"])
+        _print_ceiling(result["ceiling"])
     if json_out is not None:
         write_json_atomic(json_out, result)
         console.print(f"wrote {json_out}")
@@ -732,6 +733,18 @@ def _print_op_profile(profile: dict[str, dict[str, dict[str, float]]], rows: int
     totals = [f"{sum(v['ms'] for v in profile[k].values()):.1f}" for k in ("quantized", "fp32")]
     table.add_row("total", totals[0], "", "total", totals[1], "")
     console.print(table)
+
+
+def _print_ceiling(ceiling: dict[str, float]) -> None:
+    """The bounds the profile sets on the speedup (kernel time, see bench.speed_ceiling)."""
+    console.print(
+        f"kernel time: FP32 {ceiling['fp32_kernel_ms']:.1f} ms, quantized {ceiling['quantized_kernel_ms']:.1f} ms "
+        f"({ceiling['kernel_speedup']:.2f}x). Float work both engines run: {ceiling['shared_float_ms']:.1f} ms "
+        f"(attention {ceiling['fp32_attention_ms']:.1f}); integer kernels {ceiling['integer_kernel_ms']:.1f} ms; "
+        f"quantization overhead {ceiling['quantization_overhead_ms']:.1f} ms.\n"
+        f"speedup ceiling: {ceiling['ceiling_free_integer']:.2f}x if integer kernels and Q/DQ cost nothing, "
+        f"{ceiling['ceiling_measured_integer']:.2f}x with the integer kernels at their measured time."
+    )
 
 
 def _on_signal(signum: int, _frame: object) -> None:

@@ -69,3 +69,42 @@ def test_op_profile_sums_kernel_time_per_op_type() -> None:
     assert profile["MatMul"]["nodes"] == 2 and profile["DequantizeLinear"]["nodes"] == 2
     assert all(entry["ms"] >= 0 for entry in profile.values())
     assert list(profile) == sorted(profile, key=lambda op: -profile[op]["ms"])  # most expensive first
+
+
+def test_speed_ceiling_splits_shared_float_work_from_what_quantization_replaces() -> None:
+    from quest_export.engine.bench import speed_ceiling
+
+    fp32 = {"MultiHeadAttention": {"ms": 50.0}, "Conv": {"ms": 30.0}, "MatMul": {"ms": 15.0}, "ReorderInput": {"ms": 5.0},
+            "LayerNormalization": {"ms": 10.0}, "Add": {"ms": 10.0}}
+    quantized = {"MultiHeadAttention": {"ms": 49.0}, "QLinearConv": {"ms": 10.0}, "MatMulIntegerToFloat": {"ms": 10.0},
+                 "QuantizeLinear": {"ms": 6.0}, "LayerNormalization": {"ms": 10.0}, "Add": {"ms": 15.0}}
+    ceiling = speed_ceiling({"fp32": fp32, "quantized": quantized})
+    assert ceiling["fp32_kernel_ms"] == 120.0 and ceiling["quantized_kernel_ms"] == 100.0
+    assert ceiling["shared_float_ms"] == 70.0  # attention, norm, adds: float in both engines
+    assert ceiling["integer_kernel_ms"] == 20.0 and ceiling["quantization_overhead_ms"] == 10.0
+    assert ceiling["ceiling_free_integer"] == round(120 / 70, 3)
+    assert ceiling["ceiling_measured_integer"] == round(120 / 90, 3)
+    assert ceiling["fp32_attention_ms"] == 50.0
+
+
+def test_measure_does_not_time_the_call_that_follows_the_other_engine() -> None:
+    """A call right after the other session's call competes with its spinning threads; measure()
+    must time neither engine in that state (alternating single calls measured 1.7-1.9x too slow)."""
+    import time
+
+    from quest_export.engine.bench import measure
+
+    last: list[str] = [""]
+    calls = {"q": 0, "f": 0}
+
+    def engine(name: str, own_ms: float):
+        def run() -> None:
+            calls[name] += 1
+            time.sleep((own_ms + (20.0 if last[0] != name else 0.0)) / 1000.0)
+            last[0] = name
+        return run
+
+    result = measure(engine("q", 1.0), engine("f", 3.0), warmup=1, iterations=7)
+    assert result["latency_ms"] < 10.0 and result["fp32_latency_ms"] < 12.0
+    assert 1.5 < result["speedup"] < 4.0
+    assert calls["q"] >= 1 + 7 and calls["f"] >= 1 + 7

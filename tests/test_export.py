@@ -246,6 +246,23 @@ def test_engine_loading_refuses_damage_and_foreign_backends(ort_engine: Path, tm
         unet(torch.zeros(2, 1, 32, 32), 10, torch.zeros(2, 4, 32))
 
 
+def test_bench_times_the_engine_against_its_fp32_engine_and_bounds_the_speedup(run_cli, ort_engine: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--engine", ort_engine, "--iterations", "2", "--warmup", "1", "--threads", "1", "--profile", "--json", out)
+    assert result.returncode == 0, result.stderr
+    assert "speedup ceiling" in result.stderr and "where the time goes" in result.stderr
+    doc = json.loads(out.read_text())
+    assert doc["speedup"] == pytest.approx(doc["fp32_latency_ms"] / doc["latency_ms"])
+    assert 0 < doc["size_ratio"] < 0.5  # 8-bit weights against FP32 ones
+    assert doc["batch"] == 20 and doc["iterations"] == 2
+    # the quantized engine runs integer kernels where the FP32 one runs Conv/MatMul
+    assert "QLinearConv" in doc["profile"]["quantized"] and "Conv" in doc["profile"]["fp32"]
+    assert "QLinearConv" not in doc["profile"]["fp32"]
+    ceiling = doc["ceiling"]
+    assert 0 < ceiling["shared_float_ms"] < ceiling["fp32_kernel_ms"] and ceiling["integer_kernel_ms"] > 0
+    assert ceiling["ceiling_free_integer"] > ceiling["ceiling_measured_integer"] > 0
+
+
 def test_tensorrt_backend_absent_is_one_clear_line(run_cli, exported: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("torch")
     try:

@@ -1,5 +1,5 @@
 """``quest-export bench``: latency per UNet call of an engine vs the FP32 engine of the same UNet,
-on the same backend, measured in one run (interleaved after warm-up), plus the size ratio.
+on the same backend, measured in one run (alternating blocks of calls after warm-up), plus the size ratio.
 
 The FP32 engine gets every ONNX Runtime optimisation that is not quantization (attention and
 GELU fusions, constant folding), so the ratio is what quantization buys.
@@ -26,49 +26,116 @@ def _timed(run: Callable[[], Any]) -> float:
     return (time.perf_counter() - started) * 1000.0
 
 
-def measure(quantized: Callable[[], Any], fp32: Callable[[], Any], warmup: int, iterations: int) -> dict[str, float]:
-    """Median milliseconds of each, alternating calls so load changes hit both alike."""
+BLOCK = 5
+
+
+def measure(quantized: Callable[[], Any], fp32: Callable[[], Any], warmup: int, iterations: int,
+            block: int = BLOCK) -> dict[str, float]:
+    """Median milliseconds per call of each engine, over ``iterations`` timed calls each.
+
+    Calls run in alternating blocks (so a load change on the machine hits both alike), and the
+    first call of every block is not timed: after a call, ONNX Runtime's intra-op threads keep
+    spinning for a while, and a call of the other session started in that window competes with them
+    for the cores. Timing strictly alternating calls measured both engines 1.7-1.9x slower than
+    either runs alone (digits, 2 threads)."""
     for _ in range(warmup):
         quantized()
         fp32()
-    q_times, f_times = [], []
-    for _ in range(iterations):
-        q_times.append(_timed(quantized))
-        f_times.append(_timed(fp32))
+    times: dict[str, list[float]] = {"q": [], "f": []}
+    order = [("q", quantized), ("f", fp32)]
+    while len(times["q"]) < iterations:
+        for key, run in order:
+            run()  # absorbs the other session's spinning threads
+            times[key] += [_timed(run) for _ in range(min(block, iterations - len(times[key])))]
+        order.reverse()
+    q_times, f_times = times["q"], times["f"]
     q, f = statistics.median(q_times), statistics.median(f_times)
     return {"latency_ms": q, "fp32_latency_ms": f, "speedup": f / q,
             "latency_ms_spread": [min(q_times), max(q_times)], "fp32_latency_ms_spread": [min(f_times), max(f_times)]}
 
 
-def op_profile(model_bytes: bytes, feeds: dict[str, np.ndarray], threads: int, calls: int = 5) -> dict[str, dict[str, float]]:
-    """Where one call's time goes: ONNX Runtime's profiler, kernel time summed per op type
-    (ms per call and node count), over ``calls`` calls after one warm-up. The profiler's own
-    overhead inflates small ops a little; compare op types, not the total with the timed latency."""
+def op_profiles(models: dict[str, bytes], feeds: dict[str, np.ndarray], threads: int,
+                calls: int = 8) -> dict[str, dict[str, dict[str, float]]]:
+    """Where one call's time goes, per model: ONNX Runtime's profiler, kernel time summed per op type
+    (ms per call and node count) over ``calls`` calls. Each model runs its calls as one block after
+    an uncounted warm-up call (which also absorbs the previous model's spinning threads, see
+    :func:`measure`). The profiler's own overhead inflates small ops a little; compare op types,
+    not the total with the timed latency."""
     import json
     import os
 
     import onnxruntime as ort
 
+    profiles = {}
     with tempfile.TemporaryDirectory(prefix="quest-profile-") as tmp:
-        options = onnxruntime_backend.session_options(threads, True, optimize=False)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-        session.run(None, feeds)
-        for _ in range(calls):
-            session.run(None, feeds)
-        trace_file = session.end_profiling()
-        events = json.loads(Path(trace_file).read_text())
-        os.unlink(trace_file)
+        sessions = {}
+        for name, model_bytes in models.items():
+            options = onnxruntime_backend.session_options(threads, True, optimize=False)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tmp) / name)
+            sessions[name] = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        for name, session in sessions.items():
+            for _ in range(calls + 1):
+                session.run(None, feeds)
+            trace_file = session.end_profiling()
+            profiles[name] = _per_op(json.loads(Path(trace_file).read_text()), calls)
+            os.unlink(trace_file)
+    return profiles
+
+
+def _per_op(events: list[dict[str, Any]], calls: int) -> dict[str, dict[str, float]]:
+    """Kernel time per op type per call, from the runs after the first (the warm-up)."""
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    counted_from = starts[-calls] if len(starts) >= calls else 0
     per_op: dict[str, list[float]] = {}
     for event in events:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and event["ts"] >= counted_from:
             entry = per_op.setdefault(event["args"]["op_name"], [0.0, 0.0])
             entry[0] += event["dur"] / 1000.0
             entry[1] += 1
-    runs = calls + 1
     ranked = sorted(per_op.items(), key=lambda kv: -kv[1][0])
-    return {op: {"ms": round(total / runs, 2), "nodes": int(count // runs)} for op, (total, count) in ranked}
+    return {op: {"ms": round(total / calls, 2), "nodes": int(count // calls)} for op, (total, count) in ranked}
+
+
+def op_profile(model_bytes: bytes, feeds: dict[str, np.ndarray], threads: int, calls: int = 8) -> dict[str, dict[str, float]]:
+    """:func:`op_profiles` of one model."""
+    return op_profiles({"model": model_bytes}, feeds, threads, calls)["model"]
+
+
+# What the FP32 engine runs that quantization replaces: its convolution/GEMM kernels and the NCHWc
+# reorders that exist only for its convolutions. Everything else it runs (attention, norms, GELU/SiLU,
+# residual adds, reshapes) the quantized engine runs too, in float, because the simulation does.
+FLOAT_GEMM_OPS = frozenset({"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "ReorderInput", "ReorderOutput"})
+INTEGER_OPS = frozenset({"QLinearConv", "MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul"})
+
+
+def speed_ceiling(profile: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """Upper bounds on the kernel-time speedup, from one :func:`op_profile` of each engine.
+
+    ``ceiling_free_integer`` is FP32 kernel time over the float work both engines share: the speedup if
+    every integer kernel and every Q/DQ cost nothing. ``ceiling_measured_integer`` adds the integer
+    kernels at their measured time. ``quantization_overhead_ms`` is what the quantized engine spends
+    beyond both (Q/DQ, layout transposes, per-timestep scale gathers, extra bias adds): the only part
+    export and engine passes can still shrink without new kernels.
+    """
+    def total(ops: dict[str, dict[str, float]], keep: Callable[[str], bool] = lambda op: True) -> float:
+        return sum(entry["ms"] for op, entry in ops.items() if keep(op))
+
+    fp32_ms, quantized_ms = total(profile["fp32"]), total(profile["quantized"])
+    shared = total(profile["fp32"], lambda op: op not in FLOAT_GEMM_OPS)
+    integer = total(profile["quantized"], lambda op: op in INTEGER_OPS)
+    attention = total(profile["fp32"], lambda op: op in ("MultiHeadAttention", "Attention", "Softmax"))
+    return {
+        "fp32_kernel_ms": round(fp32_ms, 2),
+        "quantized_kernel_ms": round(quantized_ms, 2),
+        "kernel_speedup": round(fp32_ms / quantized_ms, 3) if quantized_ms else float("nan"),
+        "shared_float_ms": round(shared, 2),
+        "fp32_attention_ms": round(attention, 2),
+        "integer_kernel_ms": round(integer, 2),
+        "quantization_overhead_ms": round(quantized_ms - shared - integer, 2),
+        "ceiling_free_integer": round(fp32_ms / shared, 3) if shared else float("inf"),
+        "ceiling_measured_integer": round(fp32_ms / (shared + integer), 3) if shared + integer else float("inf"),
+    }
 
 
 def fp32_engine(float_graph: onnx.ModelProto, directory: Path, ort_settings: dict[str, Any]) -> tuple[Path, int]:
@@ -96,7 +163,8 @@ def bench_sessions(engine_model: Path, float_graph: onnx.ModelProto, feeds: dict
         fp32_engine_bytes = fp32_model.stat().st_size
         result = measure(lambda: q_session.run(None, feeds), lambda: f_session.run(None, feeds), warmup, iterations)
         if profile:
-            result["profile"] = {"quantized": op_profile(q_bytes, feeds, threads), "fp32": op_profile(f_bytes, feeds, threads)}
+            result["profile"] = op_profiles({"quantized": q_bytes, "fp32": f_bytes}, feeds, threads)
+            result["ceiling"] = speed_ceiling(result["profile"])
     engine_bytes = Path(engine_model).stat().st_size
     result.update({
         "engine_bytes": engine_bytes,
