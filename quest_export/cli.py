@@ -649,31 +649,11 @@ def build_engine_cmd(
     """Compile an exported Q/DQ graph into an engine directory (plan or optimised ORT model + manifest.json)."""
     from quest_export.engine.build import build_engine
 
-    _check_build_profile(source, profile)
     _prepare_out_dir(out, force)
     manifest = build_engine(source, backend, out, profile=profile, force=force, log=lambda line: typer.echo(line, err=True))
     size = sum(entry["bytes"] for entry in manifest["files"].values()) / (1 << 20)
     console.print(f"built {backend} engine {out} ({size:.2f} MiB, profile {manifest['profile']['name']}, "
                   f"{manifest['build_seconds']:.1f} s)")
-
-
-def _check_build_profile(source: Path, profile: str) -> None:
-    """An export directory's model must fit the build profile's latent range (checked before building)."""
-    from quest_export.engine.profiles import load_profile
-
-    build_profile = load_profile(profile)
-    manifest_path = Path(source) / "manifest.json"
-    if (Path(source) / "quant.json").is_file() or not manifest_path.is_file():
-        return
-    try:
-        size = int(json.loads(manifest_path.read_text())["unet_config"]["sample_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # build-engine reports a damaged export itself
-    if not build_profile.latent.contains(size):
-        raise UserError(
-            f"build profile {build_profile.name!r} covers latents {build_profile.latent.min}-{build_profile.latent.max}, "
-            f"but the model exported in {source} has {size}x{size} latents; pass a profile whose latent range includes {size}"
-        )
 
 
 @app.command()
@@ -850,24 +830,20 @@ def main() -> None:
         app()
     except SystemExit as exc:
         if exc.code == 130:  # Typer turns KeyboardInterrupt into exit 130 after the cleanup ran
-            _release_locks()
             print(_interrupted_line(), file=sys.stderr)
         raise
     except KeyboardInterrupt:  # raised outside Typer's handling (e.g. while starting up)
-        _release_locks()
         print(_interrupted_line(), file=sys.stderr)
         sys.exit(130)
     except (QuestError, QuantConfigError) as exc:
         if _state["debug"]:
             raise
         code = getattr(exc, "exit_code", 2)
-        _release_locks()
         print(_runtime_failure_line(exc) if code == 1 else f"error: {exc}", file=sys.stderr)
         sys.exit(code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if _state["debug"]:
             raise
-        _release_locks()
         print(_runtime_failure_line(exc), file=sys.stderr)
         sys.exit(1)
     finally:

@@ -54,33 +54,27 @@ def measure(quantized: Callable[[], Any], fp32: Callable[[], Any], warmup: int, 
             "latency_ms_spread": [min(q_times), max(q_times)], "fp32_latency_ms_spread": [min(f_times), max(f_times)]}
 
 
-def op_profiles(models: dict[str, bytes], feeds: dict[str, np.ndarray], threads: int,
-                calls: int = 8) -> dict[str, dict[str, dict[str, float]]]:
-    """Where one call's time goes, per model: ONNX Runtime's profiler, kernel time summed per op type
-    (ms per call and node count) over ``calls`` calls. Each model runs its calls as one block after
-    an uncounted warm-up call (which also absorbs the previous model's spinning threads, see
-    :func:`measure`). The profiler's own overhead inflates small ops a little; compare op types,
-    not the total with the timed latency."""
+def op_profile(model_bytes: bytes, feeds: dict[str, np.ndarray], threads: int, calls: int = 8) -> dict[str, dict[str, float]]:
+    """Where one call's time goes: ONNX Runtime's profiler, kernel time summed per op type (ms per
+    call and node count) over ``calls`` calls after an uncounted warm-up call (which also absorbs
+    another session's spinning threads, see :func:`measure`). The profiler's own overhead inflates
+    small ops a little; compare op types, not the total with the timed latency."""
     import json
     import os
 
     import onnxruntime as ort
 
-    profiles = {}
     with tempfile.TemporaryDirectory(prefix="quest-profile-") as tmp:
-        sessions = {}
-        for name, model_bytes in models.items():
-            options = onnxruntime_backend.session_options(threads, True, optimize=False)
-            options.enable_profiling = True
-            options.profile_file_prefix = str(Path(tmp) / name)
-            sessions[name] = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-        for name, session in sessions.items():
-            for _ in range(calls + 1):
-                session.run(None, feeds)
-            trace_file = session.end_profiling()
-            profiles[name] = _per_op(json.loads(Path(trace_file).read_text()), calls)
-            os.unlink(trace_file)
-    return profiles
+        options = onnxruntime_backend.session_options(threads, True, optimize=False)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        for _ in range(calls + 1):
+            session.run(None, feeds)
+        trace_file = session.end_profiling()
+        events = json.loads(Path(trace_file).read_text())
+        os.unlink(trace_file)
+    return _per_op(events, calls)
 
 
 def _per_op(events: list[dict[str, Any]], calls: int) -> dict[str, dict[str, float]]:
@@ -95,11 +89,6 @@ def _per_op(events: list[dict[str, Any]], calls: int) -> dict[str, dict[str, flo
             entry[1] += 1
     ranked = sorted(per_op.items(), key=lambda kv: -kv[1][0])
     return {op: {"ms": round(total / calls, 2), "nodes": int(count // calls)} for op, (total, count) in ranked}
-
-
-def op_profile(model_bytes: bytes, feeds: dict[str, np.ndarray], threads: int, calls: int = 8) -> dict[str, dict[str, float]]:
-    """:func:`op_profiles` of one model."""
-    return op_profiles({"model": model_bytes}, feeds, threads, calls)["model"]
 
 
 # What the FP32 engine runs that quantization replaces: its convolution/GEMM kernels and the NCHWc
@@ -163,7 +152,7 @@ def bench_sessions(engine_model: Path, float_graph: onnx.ModelProto, feeds: dict
         fp32_engine_bytes = fp32_model.stat().st_size
         result = measure(lambda: q_session.run(None, feeds), lambda: f_session.run(None, feeds), warmup, iterations)
         if profile:
-            result["profile"] = op_profiles({"quantized": q_bytes, "fp32": f_bytes}, feeds, threads)
+            result["profile"] = {"quantized": op_profile(q_bytes, feeds, threads), "fp32": op_profile(f_bytes, feeds, threads)}
             result["ceiling"] = speed_ceiling(result["profile"])
     engine_bytes = Path(engine_model).stat().st_size
     result.update({

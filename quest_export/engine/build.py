@@ -68,6 +68,12 @@ def build_engine(source: Path, backend: str, out: Path, *, profile: str | Path =
         if export["target"] != backend:
             raise UserError(f"{source} was exported for target {export['target']!r}; build it with --backend {export['target']} "
                             f"or export the checkpoint with --target {backend}")
+        size = int(export["unet_config"]["sample_size"])
+        if not build_profile.latent.contains(size):
+            raise UserError(
+                f"build profile {build_profile.name!r} covers latents {build_profile.latent.min}-{build_profile.latent.max}, "
+                f"but the model exported in {source} has {size}x{size} latents; pass a profile whose latent range includes {size}"
+            )
         return _build_from_export(export_dir, export, backend, build_profile, out, force, started)
 
 

@@ -42,9 +42,6 @@ def read_engine_manifest(directory: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON; rebuild the engine") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not a {FORMAT} manifest; rebuild the engine")
-    for key in ("backend", "files", "unet_config", "profile"):
-        if key not in manifest:
-            raise UserError(f"{path} lacks {key!r}; rebuild the engine")
     check_fields(manifest, {"backend": str, "files": dict, "unet_config": dict, "profile": dict}, path, "rebuild the engine")
     verify_document(manifest, path, "rebuild the engine (quest-export build-engine --force)")
     for name, entry in manifest["files"].items():

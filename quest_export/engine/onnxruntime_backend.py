@@ -56,10 +56,8 @@ def build(onnx_path: Path, out_dir: Path, ort_settings: dict[str, Any]) -> dict[
     options = session_options(ort_settings.get("intra_op_threads", 0), ort_settings.get("memory_arena", True))
     optimized = out_dir / f".{MODEL_FILE}.optimized"
     options.optimized_model_filepath = str(optimized)
-    source, disabled, fusions = ort_fusions.prepare(Path(onnx_path), out_dir)  # fused attention, FP32 and quantized alike
-    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
-    for scratch in (out_dir / ".fused.onnx", out_dir / ".fused.onnx.data"):
-        scratch.unlink(missing_ok=True)
+    with ort_fusions.prepared(Path(onnx_path), out_dir) as (source, disabled, fusions):  # fused attention, FP32 and quantized alike
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
     model = onnx.load(str(optimized))
     optimized.unlink()
     stored = storage.store_engine_model(model)  # packed 4-bit weights, compact names

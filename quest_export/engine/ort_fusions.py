@@ -13,11 +13,15 @@ quantized engine alike (the bench compares both with it), and a block whose q, k
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+
+from quest_export.export import passes
 
 MS_DOMAIN = "com.microsoft"
 
@@ -120,11 +124,8 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     if not fused:
         return model, 0
     graph.cleanup().toposort()
-    out_model = gs.export_onnx(graph, do_type_check=False)
-    del out_model.opset_import[:]
-    out_model.opset_import.extend([op for op in model.opset_import if op.domain != MS_DOMAIN])
-    out_model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
-    out_model.ir_version = model.ir_version
+    opsets = [*[op for op in model.opset_import if op.domain != MS_DOMAIN], onnx.helper.make_opsetid(MS_DOMAIN, 1)]
+    out_model = passes.to_model(graph, opsets, ir_version=model.ir_version)
     return out_model, fused
 
 
@@ -139,15 +140,21 @@ def has_qdq(model: onnx.ModelProto) -> bool:
 QDQ_DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
 
 
-def prepare(onnx_path: Path, scratch: Path) -> tuple[Path, list[str], dict[str, int]]:
-    """The graph ORT should optimise (attention fused, in ``scratch`` when changed), the ORT optimizers
-    to disable for it, and what was done."""
+@contextmanager
+def prepared(onnx_path: Path, scratch: Path) -> Iterator[tuple[Path, list[str], dict[str, int]]]:
+    """The graph ORT should optimise (attention fused, written to ``scratch`` when changed and removed
+    on exit), the ORT optimizers to disable for it, and what was done."""
     model = onnx.load(str(onnx_path))
     disabled = list(QDQ_DISABLED_OPTIMIZERS) if has_qdq(model) else []
     model, attention = fuse_attention(model)
     if not attention:
-        return Path(onnx_path), disabled, {"multi_head_attention": 0}
-    target = Path(scratch) / ".fused.onnx"
+        yield Path(onnx_path), disabled, {"multi_head_attention": 0}
+        return
+    target, data = Path(scratch) / ".fused.onnx", Path(scratch) / ".fused.onnx.data"
     large = model.ByteSize() > 1_800_000_000
-    onnx.save_model(model, str(target), save_as_external_data=large, location=".fused.onnx.data" if large else None)
-    return target, disabled, {"multi_head_attention": attention}
+    try:
+        onnx.save_model(model, str(target), save_as_external_data=large, location=data.name if large else None)
+        yield target, disabled, {"multi_head_attention": attention}
+    finally:
+        target.unlink(missing_ok=True)
+        data.unlink(missing_ok=True)

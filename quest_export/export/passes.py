@@ -30,13 +30,13 @@ def redirect(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     graph.outputs = [new if t is old else t for t in graph.outputs]
 
 
-def to_model(graph: gs.Graph, opset_import) -> onnx.ModelProto:
+def to_model(graph: gs.Graph, opset_import, ir_version: int = IR_VERSION) -> onnx.ModelProto:
     """Export a graphsurgeon graph with the given opset imports at this project's IR version
     (graphsurgeon would write its own defaults: IR 14, which ONNX Runtime cannot read)."""
     model = gs.export_onnx(graph, do_type_check=False)
     del model.opset_import[:]
     model.opset_import.extend(opset_import)
-    model.ir_version = IR_VERSION
+    model.ir_version = ir_version
     return model
 
 
@@ -58,12 +58,7 @@ def strip_markers(model: onnx.ModelProto) -> onnx.ModelProto:
         node.inputs.clear()
         node.outputs.clear()
     graph.cleanup().toposort()
-    graph.ir_version = IR_VERSION
-    out_model = gs.export_onnx(graph)
-    kept = [op for op in out_model.opset_import if op.domain != MARK_DOMAIN]
-    del out_model.opset_import[:]
-    out_model.opset_import.extend(kept)
-    return out_model
+    return to_model(graph, [op for op in model.opset_import if op.domain != MARK_DOMAIN])
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
