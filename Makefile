@@ -34,7 +34,7 @@ demo: setup
 	$(QE) calibrate --model digits --out $(DEMO_OUT)/calib --force
 	$(QE) finetune --model digits --bits w4a8 --method quest --target onnxruntime --calibration $(DEMO_OUT)/calib --out $(DEMO_OUT)/quest-w4a8 --force
 	$(QE) export $(DEMO_OUT)/quest-w4a8 --target onnxruntime --calibration $(DEMO_OUT)/calib --out $(DEMO_OUT)/onnx-w4a8 --force
-	$(QE) build-engine $(DEMO_OUT)/onnx-w4a8 --backend onnxruntime --profile digits --out $(DEMO_OUT)/engine-w4a8 --force
+	$(QE) build-engine $(DEMO_OUT)/onnx-w4a8 --backend onnxruntime --profile digits --calibration $(DEMO_OUT)/calib --out $(DEMO_OUT)/engine-w4a8 --force
 	$(QE) generate --engine $(DEMO_OUT)/engine-w4a8 --num-images 40 --steps 20 --seed 0 --out $(DEMO_OUT)/engine-grid.png
 	$(QE) eval --engine $(DEMO_OUT)/engine-w4a8 --num-samples 500 --steps 20 --seed 0 --json $(DEMO_OUT)/engine-eval.json
 	$(QE) bench --engine $(DEMO_OUT)/engine-w4a8 --json $(DEMO_OUT)/bench.json

@@ -54,6 +54,7 @@ def save_checkpoint(directory: Path, qunet: QuantizedUNet, meta: dict[str, Any])
         **meta,
         "bits": qunet.recipe.bits,
         "target": qunet.profile.name,
+        "target_revision": qunet.profile.revision,
         "recipe": qunet.recipe.to_dict(),
         "timestep_grid": {
             "num_train_timesteps": len(lookup),
@@ -116,7 +117,14 @@ def load_checkpoint(directory: Path, unet: torch.nn.Module, meta: dict[str, Any]
         if isinstance(exc, QuantConfigError):
             raise
         raise QuantConfigError(f"{Path(directory) / META}: the recipe cannot be read ({exc}); the checkpoint is damaged, re-create it") from None
-    qunet = quantize_unet(unet, recipe, get_profile(meta["target"]))
+    profile = get_profile(meta["target"])
+    revision = meta.get("target_revision", 1)
+    if revision != profile.revision:
+        raise QuantConfigError(
+            f"checkpoint {directory} was finetuned for revision {revision} of the {profile.name} target, whose arithmetic "
+            f"this version no longer builds (now revision {profile.revision}); re-run quest-export finetune"
+        )
+    qunet = quantize_unet(unet, recipe, profile)
     try:
         state = load_file(str(Path(directory) / TENSORS))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files

@@ -50,12 +50,19 @@ class TargetProfile:
     attention_quantizers: bool = True  # quantize the attention matmul inputs (q, k, v, softmax output)
     min_bits: int = 2
     max_bits: int = 8
+    # widest weight grid the engine's integer kernels compute exactly on every host it runs on
+    # (requests above it get this grid; see ONNXRUNTIME below)
+    max_weight_bits: int = 8
+    # bumped whenever the arithmetic of an existing profile changes: a checkpoint finetuned for an
+    # older revision simulates something the exporter no longer builds, so loading it is refused
+    revision: int = 1
     description: str = ""
 
     def weight_spec(self, bits: int) -> QuantSpec:
-        """Per-output-channel weights: symmetric, signed, narrow range (zero point 0), both targets."""
+        """Per-output-channel weights: symmetric, signed, narrow range (zero point 0), both targets,
+        at most ``max_weight_bits`` wide."""
         self.check_bits(bits, "weight")
-        return QuantSpec(bits, signed=True, symmetric=True, narrow=True)
+        return QuantSpec(min(bits, self.max_weight_bits), signed=True, symmetric=True, narrow=True)
 
     def activation_spec(self, bits: int) -> QuantSpec:
         """Per-tensor activations on the target's integer type (full range, as QuantizeLinear saturates)."""
@@ -104,9 +111,18 @@ ONNXRUNTIME = TargetProfile(
     # So q @ k^T, softmax and probs @ v run in float, reading the float outputs of the integer
     # to_q/to_k/to_v kernels (MatMulIntegerToFloat), and the simulation does the same.
     attention_quantizers=False,
+    # x86 CPUs without VNNI (AVX2-only, AVX-512 without VNNI) run ORT's U8S8 kernels with
+    # VPMADDUBSW, which adds two u8*s8 products into a *saturating* int16: 255*127*2 = 64770 does not
+    # fit, so 8-bit weights compute other codes there than on VNNI/AMX hosts (measured: 77% of
+    # conv_in's codes on an AVX2-only host). With |w| <= 63 every pair sum fits (255*63*2 = 32130),
+    # so the same codes come out on every x86 class; ORT's own quantizer calls this reduce_range.
+    # 8-bit weight requests get the 7-bit narrow grid [-63, 63]; 2-7-bit grids are unchanged.
+    max_weight_bits=7,
+    revision=2,
     description=(
         "ONNX Runtime CPU: uint8 asymmetric activations (one zero point per tensor, shared by all "
-        "timestep groups), int8 symmetric per-channel weights, output quantizers on Conv so "
+        "timestep groups), int8 symmetric per-channel weights at most 7 bits wide ([-63, 63], exact "
+        "on x86 with and without VNNI), output quantizers on Conv so "
         "DQ->Conv->Q fuses into QLinearConv; Linear layers as MatMulIntegerToFloat; attention "
         "matmuls and softmax in float; sub-8-bit grids in 8-bit containers."
     ),

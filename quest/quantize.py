@@ -152,7 +152,7 @@ def quantize_unet(unet: nn.Module, recipe: Recipe, profile: TargetProfile | None
             if is_conv and profile.conv_output_quantizers:
                 qmod.output_quantizer = TiedOutputQuantizer(profile.activation_spec(max(a_bits, 8)), qmod.input_quantizer)
         layers[name] = LayerInfo(
-            name, "conv" if is_conv else "linear", w_bits, a_bits, groups, qmod.output_quantizer is not None, split_at
+            name, "conv" if is_conv else "linear", qmod.weight_quantizer.spec.bits, a_bits, groups, qmod.output_quantizer is not None, split_at
         )
 
     if recipe.quantize_attention and profile.attention_quantizers:

@@ -47,6 +47,24 @@ def record_for_model(model: LoadedModel, settings: CalibrationSettings) -> Calib
     return select_steps(model, calib, guidance) if settings.step_selection == "selected" else calib
 
 
+def calibration_for_checks(model: LoadedModel, qunet: Any, calibration: Path | None, trajectories: int = 2) -> CalibrationSet:
+    """Inputs for export parity and engine verification: the set at ``calibration``, or
+    ``trajectories`` fresh FP trajectories with the recipe's sampler settings (quantizers of the
+    loaded ``qunet`` switched off while recording, so they are the FP model's own)."""
+    from quest.quantize import set_quantizers_enabled
+
+    if calibration is not None:
+        return load_calibration(calibration, model)
+    settings = qunet.recipe.calibration
+    small = CalibrationSettings(trajectories=trajectories, steps=settings.steps, guidance=settings.guidance,
+                                seed=settings.seed, prompts=settings.prompts)
+    set_quantizers_enabled(qunet, False)
+    try:
+        return record_for_model(model, small)
+    finally:
+        set_quantizers_enabled(qunet, True)
+
+
 def select_steps(model: LoadedModel, calib: CalibrationSet, guidance: float) -> CalibrationSet:
     """``--calibration-steps selected``: rebuild the set from the structural-risk-selected timestep
     (``quest.calibration_steps``) with the model's own noise schedule."""

@@ -644,16 +644,46 @@ def build_engine_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Engine directory to write (e.g. engines/digits-w4a8).")],
     backend: Annotated[str, typer.Option("--backend", help="tensorrt (NVIDIA GPU with TensorRT) or onnxruntime (anywhere).")] = "onnxruntime",
     profile: Annotated[str, typer.Option("--profile", help="Build profile: a name in engines/ (digits, sd15-512, bench-unet) or a YAML path.")] = "digits",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the built engine against the PyTorch simulation on this host and refuse it if it computes something else.")] = True,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Calibration directory for the verification inputs [default: fresh FP trajectories].")] = None,
+    verify_samples: Annotated[int, typer.Option("--verify-samples", min=1, max=256, help="Sampling trajectories in the verification.")] = 32,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
-    """Compile an exported Q/DQ graph into an engine directory (plan or optimised ORT model + manifest.json)."""
-    from quest_export.engine.build import build_engine
+    """Compile an exported Q/DQ graph into an engine directory (plan or optimised ORT model +
+    manifest.json) and verify the engine against the simulation on this host."""
+    from quest_export.engine.build import VerifyOptions, build_engine
 
     _prepare_out_dir(out, force)
-    manifest = build_engine(source, backend, out, profile=profile, force=force, log=lambda line: typer.echo(line, err=True))
+    options = VerifyOptions(enabled=verify, calibration=calibration, samples=verify_samples)
+    manifest = build_engine(source, backend, out, profile=profile, force=force, verify=options,
+                            log=lambda line: typer.echo(line, err=True))
     size = sum(entry["bytes"] for entry in manifest["files"].values()) / (1 << 20)
+    status = "verified" if manifest.get("verification") else "NOT verified (--no-verify)"
     console.print(f"built {backend} engine {out} ({size:.2f} MiB, profile {manifest['profile']['name']}, "
-                  f"{manifest['build_seconds']:.1f} s)")
+                  f"{manifest['build_seconds']:.1f} s, {status})")
+
+
+@app.command("verify-engine")
+def verify_engine_cmd(
+    engine: Annotated[Path, typer.Argument(help="Built engine directory.")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the verification figures here.")] = None,
+) -> None:
+    """Re-run an engine's stored verification on this host (loading does it by itself when the
+    host's integer-kernel class or runtime differs from the one it was verified on)."""
+    from quest_export.artifacts import write_json_atomic
+    from quest_export.engine.host import describe, host_description
+    from quest_export.runtime.engine_unet import EngineUNet
+
+    if json_out is not None:
+        json_out = _prepare_out_file(json_out)
+    unet = EngineUNet.from_engine(engine, verify="always")  # refuses with one line when it fails here
+    result = {**unet.verification, "engine": str(engine), "host": host_description(),
+              "verified_at_build_on": unet.manifest["verification"]["host"]}
+    if json_out is not None:
+        write_json_atomic(json_out, result)
+    console.print(f"engine {engine} verified on this host ({describe(result['host'])}): per-call error "
+                  f"{result['per_call_rel_error']:.3g} (bound {result['bounds']['per_call_rel_error']:.3g}), trajectory PSNR "
+                  f"{result['trajectory_psnr_db']:.1f} dB (bound {result['bounds']['trajectory_psnr_db']:.1f} dB)")
 
 
 @app.command()

@@ -73,3 +73,50 @@ def digits_calibration(tmp_path_factory) -> Path:
     )
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+# -- shared quantized artifacts (digits, ptq-timestep: quick) -----------------------------------
+
+def _finetune(run_cli, out: Path, calibration: Path, bits: str, target: str, *extra: str) -> Path:
+    result = run_cli("finetune", "--model", "digits", "--bits", bits, "--method", "ptq-timestep", "--target", target,
+                     "--calibration", calibration, "--out", out, *extra)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, digits_calibration: Path) -> dict[str, Path]:
+    """ptq-timestep digits checkpoints: W4A4 onnxruntime (10 groups) and W4A8 tensorrt (2 groups)."""
+    root = tmp_path_factory.mktemp("export-ckpt")
+
+    def run_cli(*args):
+        return subprocess.run([sys.executable, "-m", "quest_export.cli", *map(str, args)], capture_output=True, text=True)
+
+    return {
+        "onnxruntime": _finetune(run_cli, root / "ort-w4a4", digits_calibration, "w4a4", "onnxruntime"),
+        "tensorrt": _finetune(run_cli, root / "trt-w4a8", digits_calibration, "w4a8", "tensorrt", "--timestep-groups", "2"),
+    }
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, checkpoints: dict[str, Path], digits_calibration: Path) -> dict[str, Path]:
+    from quest_export.export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp("exported")
+    out = {}
+    for target, ckpt in checkpoints.items():
+        out[target] = root / target
+        export_checkpoint(ckpt, target, out[target], calibration=digits_calibration, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ort_engine(tmp_path_factory, exported: dict[str, Path], digits_calibration: Path) -> Path:
+    """The W4A4 onnxruntime export built into an ONNX Runtime engine (verified on this host)."""
+    from quest_export.engine.build import VerifyOptions, build_engine
+
+    out = tmp_path_factory.mktemp("engines") / "digits-ort"
+    manifest = build_engine(exported["onnxruntime"], "onnxruntime", out, verify=VerifyOptions(calibration=digits_calibration),
+                            log=lambda _: None)
+    assert manifest["backend"] == "onnxruntime" and "model.ort.onnx" in manifest["files"]
+    return out

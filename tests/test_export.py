@@ -13,44 +13,6 @@ import pytest
 from conftest import assert_one_line_error
 
 
-def _finetune(run_cli, out: Path, calibration: Path, bits: str, target: str, *extra: str) -> Path:
-    result = run_cli("finetune", "--model", "digits", "--bits", bits, "--method", "ptq-timestep", "--target", target,
-                     "--calibration", calibration, "--out", out, *extra)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, digits_calibration: Path) -> dict[str, Path]:
-    """ptq-timestep digits checkpoints: W4A4 onnxruntime (10 groups) and W4A8 tensorrt (2 groups)."""
-    from conftest import CliResult  # noqa: F401 - the runner's result type
-
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("export-ckpt")
-
-    def run_cli(*args):
-        return subprocess.run([sys.executable, "-m", "quest_export.cli", *map(str, args)], capture_output=True, text=True)
-
-    return {
-        "onnxruntime": _finetune(run_cli, root / "ort-w4a4", digits_calibration, "w4a4", "onnxruntime"),
-        "tensorrt": _finetune(run_cli, root / "trt-w4a8", digits_calibration, "w4a8", "tensorrt", "--timestep-groups", "2"),
-    }
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, checkpoints: dict[str, Path], digits_calibration: Path) -> dict[str, Path]:
-    from quest_export.export.exporter import export_checkpoint
-
-    root = tmp_path_factory.mktemp("exported")
-    out = {}
-    for target, ckpt in checkpoints.items():
-        out[target] = root / target
-        export_checkpoint(ckpt, target, out[target], calibration=digits_calibration, log=lambda _: None)
-    return out
-
-
 def test_onnxruntime_export_matches_simulation_and_runs_integer_kernels(exported: dict[str, Path]) -> None:
     directory = exported["onnxruntime"]
     parity = json.loads((directory / "parity.json").read_text())
@@ -192,16 +154,6 @@ def _engine_unet_drops_into_stable_diffusion(export_dir: Path, ckpt: Path, tmp_p
 
 
 # -- engines and the runtime ------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ort_engine(tmp_path_factory, exported: dict[str, Path]) -> Path:
-    from quest_export.engine.build import build_engine
-
-    out = tmp_path_factory.mktemp("engines") / "digits-ort"
-    manifest = build_engine(exported["onnxruntime"], "onnxruntime", out, log=lambda _: None)
-    assert manifest["backend"] == "onnxruntime" and "model.ort.onnx" in manifest["files"]
-    return out
-
 
 def test_engine_unet_drops_into_the_digits_pipeline_with_euler(ort_engine: Path) -> None:
     import torch

@@ -87,9 +87,13 @@ def test_recipe_rules_keep_layers_at_higher_precision_or_fp(unet) -> None:
         act_bits=4,
         layers=[LayerRule("conv_in", weight_bits=8, act_bits=8), LayerRule("conv_out", quantize=False)],
     )
-    q = quantize_unet(unet, recipe)
+    q = quantize_unet(copy.deepcopy(unet), recipe, TENSORRT)
     assert q.layers["conv_in"].weight_bits == 8 and q.layers["conv_in"].act_bits == 8
-    assert "conv_out" not in q.layers and type(unet.conv_out) is torch.nn.Conv2d
+    assert "conv_out" not in q.layers and type(q.unet.conv_out) is torch.nn.Conv2d
+    assert q.layers["down_blocks.0.resnets.0.conv1"].weight_bits == 4
+    # the onnxruntime target grants at most its 7-bit weight grid (exact on non-VNNI x86 kernels)
+    q = quantize_unet(unet, recipe, ONNXRUNTIME)
+    assert q.layers["conv_in"].weight_bits == 7 and q.layers["conv_in"].act_bits == 8
     assert q.layers["down_blocks.0.resnets.0.conv1"].weight_bits == 4
 
 

@@ -9,12 +9,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from quest_export.artifacts import atomic_directory, seal_document, write_json_atomic
 from quest_export.engine import onnxruntime_backend, tensorrt_backend
-from quest_export.engine.manifest import FORMAT, MANIFEST, cpu_description, file_entries
+from quest_export.engine.manifest import FORMAT, MANIFEST, file_entries
 from quest_export.engine.profiles import BuildProfile, load_profile
 from quest_export.errors import UserError
 
@@ -41,11 +42,23 @@ def read_export_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+@dataclass
+class VerifyOptions:
+    """How ``build-engine`` verifies the engine it built (engine/verify.py)."""
+
+    enabled: bool = True
+    calibration: Path | None = None  # calibration directory for the inputs [default: fresh FP trajectories]
+    samples: int = 32  # sampling trajectories
+    steps: int | None = None  # their step count [default: the calibration's]
+
+
 def build_engine(source: Path, backend: str, out: Path, *, profile: str | Path = "digits", force: bool = False,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build the engine for ``backend`` from an export directory or a checkpoint."""
+                 verify: VerifyOptions | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build the engine for ``backend`` from an export directory or a checkpoint, then verify it
+    against the simulation on this host (a failing engine is not written)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown --backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    verify = verify or VerifyOptions()
     build_profile = load_profile(profile)
     if backend == "tensorrt":
         tensorrt_backend.require_tensorrt()  # before any export work
@@ -59,7 +72,7 @@ def build_engine(source: Path, backend: str, out: Path, *, profile: str | Path =
 
             log(f"exporting {source} for {backend} first ...")
             export_dir = Path(scratch) / "onnx"
-            export_checkpoint(source, backend, export_dir, log=log)
+            export_checkpoint(source, backend, export_dir, calibration=verify.calibration, log=log)
         elif (source / "manifest.json").is_file():
             export_dir = source
         else:
@@ -74,22 +87,128 @@ def build_engine(source: Path, backend: str, out: Path, *, profile: str | Path =
                 f"build profile {build_profile.name!r} covers latents {build_profile.latent.min}-{build_profile.latent.max}, "
                 f"but the model exported in {source} has {size}x{size} latents; pass a profile whose latent range includes {size}"
             )
-        return _build_from_export(export_dir, export, backend, build_profile, out, force, started)
+        checks = _verification_inputs(export_dir, export, build_profile, verify, log) if verify.enabled else None
+        return _build_from_export(export_dir, export, backend, build_profile, out, force, started, checks, log)
+
+
+@dataclass
+class _Checks:
+    """A prepared verification set and what diagnosing a failure needs."""
+
+    vset: Any
+    reference: Any  # the exported graph (onnx.ModelProto)
+
+
+def _verification_inputs(export_dir: Path, export: dict[str, Any], profile: BuildProfile, options: VerifyOptions,
+                         log: Callable[[str], None]) -> _Checks:
+    """The simulation and the reference graph on the verification inputs (engine/verify.py)."""
+    import onnx
+
+    from quest_export.artifacts import sha256_file
+    from quest_export.calibration_data import calibration_for_checks
+    from quest_export.engine import verify
+    from quest_export.export.parity import ort_session
+    from quest_export.pipelines.denoise import unet_fn
+    from quest_export.quantization import load_quantized
+
+    source = export["source_checkpoint"]
+    checkpoint = Path(source["path"])
+    if not (checkpoint / "quant.json").is_file():
+        raise UserError(f"engine verification needs the export's source checkpoint {checkpoint}, which is gone; "
+                        "restore it, build from the checkpoint itself, or pass --no-verify (the engine is then marked unverified)")
+    if sha256_file(checkpoint / "quant.safetensors") != source["tensors_sha256"]:
+        raise UserError(f"checkpoint {checkpoint} changed since {export_dir} was exported from it; re-export it")
+    model, qunet, _ = load_quantized(checkpoint)
+    calib = calibration_for_checks(model, qunet, options.calibration, trajectories=options.samples)
+    reference = onnx.load(str(export_dir / export["graphs"]["model"]["file"]))
+    batch = max(profile.batch.min, min(profile.batch.max, 32))
+    log("preparing engine verification: the simulation and the reference graph on the verification inputs ...")
+    vset = verify.prepare(unet_fn(qunet.unet), verify.onnx_model_fn(ort_session(reference, optimize=False)), calib,
+                          qunet.context.lookup, model.pipeline.scheduler,
+                          samples=options.samples, steps=options.steps, batch=batch)
+    log(f"verification set: {len(vset.tensors['call_sample'])} rows from every timestep group, "
+        f"{len(vset.tensors['trajectory_noise'])} trajectories of {vset.steps} steps")
+    return _Checks(vset, reference)
+
+
+def _verify_built(tmp: Path, manifest: dict[str, Any], checks: _Checks, readable: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run the engine in ``tmp`` exactly as EngineUNet runs it; refuse it (naming the layer) when it
+    computes something else than the simulation.
+
+    Two gates: the free-running bounds (engine/verify.py), and, where the engine graph is readable
+    (ONNX Runtime), every integer kernel teacher-forced on the reference graph's values
+    (engine/diagnose.py, about 1 s on digits): a kernel beyond rounding ties fails the build even
+    when its error is too small to move the free-running figures past their bounds.
+    """
+    from quest_export.engine import diagnose, host, verify
+    from quest_export.pipelines.denoise import unet_fn
+    from quest_export.runtime.engine_unet import EngineUNet
+
+    engine = EngineUNet.from_engine(tmp, verify="never")
+    result = verify.check(unet_fn(engine), checks.vset)
+    where = "the TensorRT engine exposes no intermediate tensors to locate the layer"
+    if readable is not None:
+        found = diagnose.check_kernels(readable, checks.reference, _kernel_feeds(checks), _engine_session_factory(manifest, engine))
+        result["kernels"] = diagnose.summary(found)
+        result["passed"] = result["passed"] and result["kernels"]["beyond_ties"] == 0
+        where = diagnose.describe(found)
+    kernels = result.get("kernels")
+    log(f"engine verification on this host ({host.describe(manifest['device'])}): per-call error "
+        f"{result['per_call_rel_error']:.3g} (bound {result['bounds']['per_call_rel_error']:.3g}), trajectory PSNR "
+        f"{result['trajectory_psnr_db']:.1f} dB (bound {result['bounds']['trajectory_psnr_db']:.1f} dB; reference graph "
+        f"{result['reference_graph']['per_call_rel_error']:.3g} / {result['reference_graph']['trajectory_psnr_db']:.1f} dB)"
+        + (f", {kernels['checked'] - kernels['beyond_ties']} of {kernels['checked']} kernels match the reference" if kernels else "")
+        + f": {'PASSED' if result['passed'] else 'FAILED'}")
+    if result["passed"]:
+        return result
+    raise UserError(f"engine verification failed on this host ({host.describe(manifest['device'])}): "
+                    f"{verify.failure_summary(result)}; {where}; the engine computes something other than the "
+                    "simulation, so nothing was written")
+
+
+def _kernel_feeds(checks: _Checks) -> dict[str, Any]:
+    """A few verification rows (from several timestep groups) as graph inputs for the kernel check."""
+    from quest_export.engine import verify
+
+    rows = min(4, checks.vset.batch)
+    sample, timestep, states = (checks.vset.tensors[k][:rows].numpy() for k in verify.CALL_KEYS[:3])
+    return {"sample": sample, "timestep": timestep, "encoder_hidden_states": states}
+
+
+def _engine_session_factory(manifest: dict[str, Any], engine: Any) -> Callable[[Any, bool], Any]:
+    """Sessions opened with the engine's own options and execution provider (for graph pieces)."""
+    from quest_export.engine.onnxruntime_backend import session_options
+
+    def session(model, optimize):
+        import onnxruntime as ort
+
+        options = session_options(manifest["profile"]["ort"].get("intra_op_threads", 0), optimize=optimize)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=[engine.runner.provider])
+
+    return session
 
 
 def _build_from_export(export_dir: Path, export: dict[str, Any], backend: str, profile: BuildProfile, out: Path,
-                       force: bool, started: float) -> dict[str, Any]:
+                       force: bool, started: float, checks: _Checks | None, log: Callable[[str], None]) -> dict[str, Any]:
+    from quest_export.engine.host import host_description, runtime_fingerprint
+
     config = export["unet_config"]
     onnx_path = export_dir / export["graphs"]["model"]["file"]
     with atomic_directory(out, force=force) as tmp:
+        readable = None
         if backend == "onnxruntime":
-            fields = onnxruntime_backend.build(onnx_path, tmp, profile.ort)
-            fields["device"] = cpu_description()
+            fields, readable = onnxruntime_backend.build(onnx_path, tmp, profile.ort)
+            fields["device"] = host_description()
         else:
             fields = tensorrt_backend.build(onnx_path, tmp, profile, int(config["in_channels"]), int(config["cross_attention_dim"]))
         for extra in ("parity.json",):
             if (export_dir / extra).is_file():
                 shutil.copy(export_dir / extra, tmp / extra)
+        verification = None
+        if checks is not None:
+            verification = {**checks.vset.save(tmp), "host": fields["device"],
+                            "fingerprint": runtime_fingerprint(fields["device"], fields["backend_version"],
+                                                               fields.get("provider", backend))}
         manifest = {
             "format": FORMAT,
             "backend": backend,
@@ -105,8 +224,12 @@ def _build_from_export(export_dir: Path, export: dict[str, Any], backend: str, p
             "source_checkpoint": export["source_checkpoint"],
             "source_export": {"graph_sha256": export["graphs"]["model"]["sha256"], "fp32_onnx_bytes": export["fp32_onnx_bytes"],
                               "quantized_onnx_bytes": export["quantized_onnx_bytes"], "parity_passed": export.get("parity_passed")},
-            "build_seconds": round(time.perf_counter() - started, 2),
+            "verification": verification,
             "files": file_entries(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file())),
         }
+        write_json_atomic(tmp / MANIFEST, seal_document(manifest))
+        if checks is not None:
+            manifest["verification"]["result"] = _verify_built(tmp, manifest, checks, readable, log)
+        manifest["build_seconds"] = round(time.perf_counter() - started, 2)
         write_json_atomic(tmp / MANIFEST, seal_document(manifest))
     return manifest

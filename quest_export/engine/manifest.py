@@ -7,7 +7,6 @@ edited or foreign engine is refused with one clear line.
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,6 @@ from quest_export.errors import UserError
 
 FORMAT = "quest-engine/1"
 MANIFEST = "manifest.json"
-
-
-def cpu_description() -> dict[str, Any]:
-    import os
-
-    return {"kind": "cpu", "machine": platform.machine(), "processor": platform.processor() or None, "cores": os.cpu_count()}
 
 
 def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:

@@ -45,25 +45,41 @@ def session_options(threads: int = 0, arena: bool = True, optimize: bool = True)
     return options
 
 
-def build(onnx_path: Path, out_dir: Path, ort_settings: dict[str, Any]) -> dict[str, Any]:
-    """Optimise ``onnx_path`` offline into ``out_dir/model.ort.onnx``; returns manifest fields."""
+def optimize(onnx_path: Path, scratch: Path, ort_settings: dict[str, Any]):
+    """The graph ONNX Runtime will execute: every optimisation applied once, readable names kept."""
     import onnxruntime as ort
 
     import onnx
 
-    from quest_export.engine import ort_fusions, storage
+    from quest_export.engine import ort_fusions
 
     options = session_options(ort_settings.get("intra_op_threads", 0), ort_settings.get("memory_arena", True))
-    optimized = out_dir / f".{MODEL_FILE}.optimized"
+    optimized = scratch / f".{MODEL_FILE}.optimized"
     options.optimized_model_filepath = str(optimized)
-    with ort_fusions.prepared(Path(onnx_path), out_dir) as (source, disabled, fusions):  # fused attention, FP32 and quantized alike
+    with ort_fusions.prepared(Path(onnx_path), scratch) as (source, disabled, fusions):  # fused attention, FP32 and quantized alike
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
     model = onnx.load(str(optimized))
     optimized.unlink()
+    return model, fusions
+
+
+def build(onnx_path: Path, out_dir: Path, ort_settings: dict[str, Any]):
+    """Optimise ``onnx_path`` offline into ``out_dir/model.ort.onnx``; returns the manifest fields
+    and the optimised graph with its readable names (what verification diagnoses a failure on)."""
+    import onnxruntime as ort
+
+    import onnx
+
+    from quest_export.engine import storage
+
+    model, fusions = optimize(Path(onnx_path), out_dir, ort_settings)
+    readable = onnx.ModelProto()
+    readable.CopyFrom(model)
     stored = storage.store_engine_model(model)  # packed 4-bit weights, compact names
     onnx.save_model(model, str(out_dir / MODEL_FILE))
-    return {"backend_version": ort.__version__, "model_file": MODEL_FILE, "provider": "CPUExecutionProvider",
-            "storage": stored, "fusions": fusions}
+    fields = {"backend_version": ort.__version__, "model_file": MODEL_FILE, "provider": "CPUExecutionProvider",
+              "storage": stored, "fusions": fusions}
+    return fields, readable
 
 
 class OrtRunner:

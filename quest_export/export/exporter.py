@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 import torch
 
-from quest.quantize import set_quantizers_enabled
 from quest_export.artifacts import atomic_directory, seal_document, write_json_atomic
 from quest_export.errors import UserError
 from quest_export.export import lint, parity, passes, qdq, trace
@@ -62,20 +61,9 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
 
 def parity_inputs(qunet, model, calibration: Path | None) -> parity.ParityInputs:
     """Calibration rows covering every timestep group: from ``--calibration`` or two fresh FP trajectories."""
-    from quest.recipe import CalibrationSettings
-    from quest_export.calibration_data import load_calibration, record_for_model
+    from quest_export.calibration_data import calibration_for_checks
 
-    if calibration is not None:
-        calib = load_calibration(calibration, model)
-    else:
-        settings = qunet.recipe.calibration
-        small = CalibrationSettings(trajectories=2, steps=settings.steps, guidance=settings.guidance,
-                                    seed=settings.seed, prompts=settings.prompts)
-        set_quantizers_enabled(qunet, False)
-        try:
-            calib = record_for_model(model, small)
-        finally:
-            set_quantizers_enabled(qunet, True)
+    calib = calibration_for_checks(model, qunet, calibration)
     x, t, cond = calib.unet_inputs(torch.arange(len(calib)))
     return parity.inputs_covering_groups(x, t.float(), cond, qunet.context.lookup)
 

@@ -6,7 +6,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import onnx
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulNBits", "ConvInteger", "MatMulInteger")
 FLOAT_KERNELS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm")
@@ -14,11 +13,10 @@ FLOAT_KERNELS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGem
 
 def optimized_op_counts(model_path: Path) -> Counter:
     """Op histogram of the graph ORT executes: the ONNX Runtime engine build, into a scratch folder."""
-    from quest_export.engine.onnxruntime_backend import build
+    from quest_export.engine.onnxruntime_backend import optimize
 
     with tempfile.TemporaryDirectory(prefix="quest-ort-") as tmp:
-        fields = build(Path(model_path), Path(tmp), {})
-        graph = onnx.load(str(Path(tmp) / fields["model_file"]), load_external_data=False)
+        graph, _ = optimize(Path(model_path), Path(tmp), {})
     return Counter(node.op_type for node in graph.graph.node)
 
 

@@ -1,4 +1,4 @@
-"""DDIM sampling pipeline for the class-conditional digits UNet.
+"""Sampling pipeline for the class-conditional digits UNet (DDIM by default, any diffusers scheduler).
 
 It is an ordinary ``DiffusionPipeline``: ``pipe.unet`` can be replaced by any object with the
 ``UNet2DConditionModel`` call signature (an engine-backed UNet, a quantized simulation), and
@@ -18,6 +18,7 @@ from PIL import Image
 
 # diffusers loads custom components only from modules that are already imported
 from quest_export.models.digits.label_encoder import LabelEncoder
+from quest_export.pipelines.denoise import denoise, unet_fn
 
 StepCallback = Callable[["DigitsPipeline", int, torch.Tensor, dict[str, Any]], dict[str, Any] | None]
 
@@ -62,26 +63,14 @@ class DigitsPipeline(DiffusionPipeline):
         shape = (batch, config.in_channels, config.sample_size, config.sample_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
-
-        do_cfg = guidance_scale > 1.0
         states = self.encode_labels(labels_t, guidance_scale)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
         self.set_progress_bar_config(disable=not progress)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_in = torch.cat([latents] * 2) if do_cfg else latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            noise = self.unet(model_in, t, encoder_hidden_states=states, return_dict=False)[0]
-            if do_cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            if callback_on_step_end is not None:
-                update = callback_on_step_end(
-                    self, i, t, {"latents": latents, "model_input": model_in, "encoder_hidden_states": states}
-                )
-                if update and "latents" in update:
-                    latents = update["latents"]
-            latents = self.scheduler.step(noise, t, latents, generator=generator, return_dict=False)[0]
+        on_step = None
+        if callback_on_step_end is not None:
+            def on_step(i: int, t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+                return callback_on_step_end(self, i, t, tensors)
+        latents = denoise(unet_fn(self.unet), self.scheduler, latents.to(device), states, guidance_scale,
+                          num_inference_steps, generator=generator, on_step=on_step, progress=self.progress_bar)
 
         images = (latents / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":

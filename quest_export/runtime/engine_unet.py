@@ -9,6 +9,8 @@ against the engine's build profile before any compute.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from quest_export.engine.manifest import check_backend, read_engine_manifest
 from quest_export.engine.profiles import BuildProfile
 from quest_export.errors import UserError
 
+logger = logging.getLogger(__name__)
+VERIFY_MODES = ("auto", "always", "never")
 UNSUPPORTED_KWARGS = ("timestep_cond", "added_cond_kwargs", "down_block_additional_residuals",
                       "mid_block_additional_residual", "down_intrablock_additional_residuals", "encoder_attention_mask",
                       "class_labels", "attention_mask")
@@ -39,10 +43,20 @@ class EngineUNet(nn.Module):
         self.profile = BuildProfile.from_dict(manifest["profile"])
         self._config = FrozenDict(manifest["unet_config"])
         self._device = torch.device("cuda" if self.backend == "tensorrt" else "cpu")
+        self.verification: dict[str, Any] | None = (manifest.get("verification") or {}).get("result")
 
     @classmethod
-    def from_engine(cls, directory: Path, backend: str | None = None, threads: int | None = None) -> "EngineUNet":
-        """Load and verify an engine directory (hashes, backend, device) and open its runtime."""
+    def from_engine(cls, directory: Path, backend: str | None = None, threads: int | None = None,
+                    verify: str = "auto") -> "EngineUNet":
+        """Load and check an engine directory (hashes, backend, device) and open its runtime.
+
+        ``verify``: ``auto`` re-runs the build's verification before the first call when this host's
+        integer-kernel class, runtime version or execution provider differs from the one the engine
+        was verified on (those decide what the fused kernels compute); ``always`` re-runs it anyway;
+        ``never`` skips it (build-engine's own check).
+        """
+        if verify not in VERIFY_MODES:
+            raise UserError(f"unknown verify mode {verify!r}; choose one of: {', '.join(VERIFY_MODES)}")
         manifest = read_engine_manifest(directory)
         check_backend(manifest, backend)
         if manifest["backend"] == "onnxruntime":
@@ -55,7 +69,54 @@ class EngineUNet(nn.Module):
             runner = TrtRunner(Path(directory), manifest)
         else:
             raise UserError(f"engine backend {manifest['backend']!r} is unknown to this version; rebuild the engine")
-        return cls(Path(directory), manifest, runner)
+        engine = cls(Path(directory), manifest, runner)
+        if verify != "never":
+            engine.reverify(force=verify == "always")
+        return engine
+
+    def reverify(self, force: bool = False) -> dict[str, Any] | None:
+        """Re-run the stored verification when this host could compute other codes (see
+        ``from_engine``); refuses the engine with one line when it fails here."""
+        from quest_export.engine import host, verify
+        from quest_export.pipelines.denoise import unet_fn
+
+        section = self.manifest.get("verification")
+        if not section or not section.get("result"):
+            if force:
+                raise UserError(f"engine {self.directory} was built with --no-verify and holds no verification set; "
+                                "rebuild it without --no-verify")
+            warnings.warn(f"engine {self.directory} was built without engine verification (--no-verify); "
+                          "what it computes was not checked against the simulation", stacklevel=3)
+            return None
+        if self.backend == "tensorrt":  # TensorRT tactics depend on the GPU, not the CPU
+            from quest_export.engine.tensorrt_backend import device_description
+
+            here = device_description()
+        else:
+            here = host.host_description()
+        fingerprint = host.runtime_fingerprint(here, self.manifest["backend_version"], getattr(self.runner, "provider", self.backend))
+        if not force and fingerprint == section["fingerprint"]:
+            return section["result"]
+        vset = verify.VerificationSet.load(self.directory, section)
+        result = verify.check(unet_fn(self), vset)
+        if not result["passed"]:
+            raise UserError(
+                f"engine {self.directory} was verified on {host.describe(section['host'])} but computes something else on "
+                f"this host ({host.describe(here)}): {verify.failure_summary(result)}; rebuild it here with "
+                "quest-export build-engine (its verification names the layer)"
+            )
+        logger.info("engine %s re-verified on %s: %s", self.directory, host.describe(here), result)
+        self.verification = result
+        return result
+
+    def _check_timesteps(self, t: torch.Tensor) -> None:
+        """Refuse timesteps outside the training range: the engine's scale lookup would clamp them
+        silently to its first or last entry, and the UNet was never trained there."""
+        last = int(self.manifest.get("timestep_grid", {}).get("num_train_timesteps", 1000)) - 1
+        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > last:
+            bad = t[~torch.isfinite(t) | (t < 0) | (t > last)][0].item()
+            raise UserError(f"timestep {bad} is outside the model's training range [0, {last}]; "
+                            "check the scheduler (num_train_timesteps, steps_offset)")
 
     # -- what pipelines read -----------------------------------------------------------------
     @property
@@ -90,6 +151,7 @@ class EngineUNet(nn.Module):
         self.profile.check_inputs(batch, height, width, int(encoder_hidden_states.shape[1]))
         t = torch.as_tensor(timestep).reshape(-1).to(torch.float32)
         t = t.expand(batch) if t.numel() == 1 else t
+        self._check_timesteps(t)
         for name, tensor in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
             if not torch.isfinite(tensor).all():
                 raise UserError(f"{name} contains NaN or Inf; check the scheduler and inputs")
