@@ -8,7 +8,6 @@ checked before anything is loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from quest import __version__
+from quest.documents import seal_document, sha256_file, verify_document
 from quest.errors import QuantConfigError
 from quest.quantize import QuantizedUNet, quantize_unet
 from quest.recipe import Recipe
@@ -25,18 +26,8 @@ TENSORS = "quant.safetensors"
 META = "quant.json"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     import diffusers
-
-    from quest_export import __version__
 
     return {"quest_export": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
@@ -67,10 +58,8 @@ def save_checkpoint(directory: Path, qunet: QuantizedUNet, meta: dict[str, Any])
         },
         "layers": qunet.layer_map(),
         "versions": _versions(),
-        "tensors_sha256": _sha256(directory / TENSORS),
+        "tensors_sha256": sha256_file(directory / TENSORS),
     }
-    from quest_export.artifacts import seal_document
-
     (directory / META).write_text(json.dumps(seal_document(document), indent=2) + "\n")
     return document
 
@@ -95,7 +84,7 @@ def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
     for key in ("name", "source"):
         if not isinstance(meta["model"].get(key), str):
             raise QuantConfigError(f"{meta_path}: 'model.{key}' must be a string; the checkpoint is damaged, re-create it")
-    if _sha256(tensor_path) != meta["tensors_sha256"]:
+    if sha256_file(tensor_path) != meta["tensors_sha256"]:
         raise QuantConfigError(f"{tensor_path} does not match the hash in {META}; the checkpoint is damaged or was edited, re-create it (quest-export finetune)")
     return meta
 
@@ -104,13 +93,8 @@ def load_checkpoint(directory: Path, unet: torch.nn.Module, meta: dict[str, Any]
     """Quantize the FP ``unet`` in place as the checkpoint says and restore its tensors."""
     meta = meta or read_checkpoint_meta(directory)
     from quest.profiles import get_profile
-    from quest_export.artifacts import verify_document
-    from quest_export.errors import UserError
-
-    try:  # checked after the caller's model-identity check, which names the more specific problem
-        verify_document(meta, Path(directory) / META, "re-create the checkpoint (quest-export finetune)")
-    except UserError as exc:
-        raise QuantConfigError(str(exc)) from None
+    # checked after the caller's model-identity check, which names the more specific problem
+    verify_document(meta, Path(directory) / META, "re-create the checkpoint (quest-export finetune)")
     try:
         recipe = Recipe.from_dict(meta["recipe"])
     except (TypeError, KeyError, ValueError) as exc:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,87 +37,19 @@ from quest.errors import QuantConfigError
 from quest.modules import QuantConv2d, QuantLinear
 from quest.quantize import QuantizedUNet
 from quest.quantizers import ActivationQuantizer, TiedOutputQuantizer
-from quest.recipe import FINETUNE_LOSSES
+from quest.recipe_blocks import (  # noqa: F401 - the finetuner's settings, re-exported
+    ATTENTION_LAYERS,
+    CLASS_CONDITIONAL_ATTENTION,
+    FINETUNE_LOSSES,
+    TEMPORAL_LAYERS,
+    FinetuneSettings,
+    StageSpec,
+    blockwise_stages,
+    default_stages,
+    settings_from_recipe,
+)
 
 STATE_FORMAT = "quest-finetune-state/1"
-
-
-@dataclass
-class StageSpec:
-    """One finetuning stage: which weights and which activation scales train, and how."""
-
-    name: str
-    weights: list[str]
-    scales: list[str]
-    exclude_scales: list[str] = field(default_factory=list)
-    steps: int = 200
-    batch_size: int = 32
-    weight_lr: float = 1e-5
-    scale_lr: float = 1e-4
-    local_loss_weight: float = 1.0
-
-
-@dataclass
-class FinetuneSettings:
-    stages: list[StageSpec]
-    seed: int = 0
-    checkpoint_every: int = 50
-    loss: str = "quest"  # quest: local + final MSE of the stages' layers; blockwise: quest.blockwise
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-
-TEMPORAL_LAYERS = ["*time_emb_proj"]
-ATTENTION_LAYERS = ["*ff.net.*"]
-CLASS_CONDITIONAL_ATTENTION = ["*attn1.to_q", "*attn2.to_q", "*attn1.to_k", "*attn1.to_v"]
-
-
-def default_stages(class_conditional: bool) -> list[StageSpec]:
-    """QuEST's defaults (weights lr 1e-5, scales lr 1e-4, Adam)."""
-    stage2_weights = ATTENTION_LAYERS + (CLASS_CONDITIONAL_ATTENTION if class_conditional else [])
-    return [
-        StageSpec("temporal", weights=list(TEMPORAL_LAYERS), scales=[p + ".*" for p in TEMPORAL_LAYERS]),
-        StageSpec("critical", weights=stage2_weights, scales=["*"], exclude_scales=[p + ".*" for p in TEMPORAL_LAYERS]),
-    ]
-
-
-def blockwise_stages() -> list[StageSpec]:
-    """Block-wise distillation: one stage, every quantized layer's weights and every activation
-    scale, as many steps as QuEST's two stages together, QuEST's learning rates."""
-    return [StageSpec("blockwise", weights=["*"], scales=["*"], steps=300)]
-
-
-def settings_from_recipe(finetune: dict[str, Any], class_conditional: bool) -> FinetuneSettings:
-    """Recipe ``finetune:`` block -> settings. Stage entries override the defaults by name;
-    ``only: [temporal]`` keeps a subset (ablations); ``loss: blockwise`` swaps QuEST's stages
-    for block-wise distillation."""
-    finetune = dict(finetune or {})
-    loss = finetune.get("loss", "quest")
-    if loss not in FINETUNE_LOSSES:
-        raise QuantConfigError(f"recipe finetune.loss must be one of {', '.join(FINETUNE_LOSSES)}, got {loss!r}")
-    defaults = blockwise_stages() if loss == "blockwise" else default_stages(class_conditional)
-    stages = {s.name: s for s in defaults}
-    other = {s.name for s in (default_stages(class_conditional) if loss == "blockwise" else blockwise_stages())}
-    for override in finetune.pop("stages", []) or []:
-        override = dict(override)
-        name = override.get("name")
-        if name in other:
-            continue  # the recipe tunes the other loss's stages
-        base = stages.get(name)
-        try:
-            stages[name] = StageSpec(**{**(asdict(base) if base else {}), **override})
-        except TypeError as exc:
-            raise QuantConfigError(f"recipe finetune stage {name!r}: {exc}") from None
-    only = finetune.pop("only", None) or list(stages)
-    unknown = [n for n in only if n not in stages]
-    if unknown:
-        raise QuantConfigError(f"recipe finetune.only names unknown stages {unknown}; known: {', '.join(stages)}")
-    chosen = [stages[n] for n in only]
-    try:
-        return FinetuneSettings(stages=chosen, **finetune)
-    except TypeError as exc:
-        raise QuantConfigError(f"recipe finetune block: {exc}") from None
 
 
 def _matches(name: str, patterns: list[str]) -> bool:

@@ -19,7 +19,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,21 +29,8 @@ from quest.calibration import CalibrationSet
 from quest.errors import QuantConfigError
 from quest.quantize import QuantizedUNet
 from quest.quantizers import ActivationQuantizer
+from quest.recipe_blocks import GroupingSearch  # noqa: F401 - the search's settings, re-exported
 from quest.timesteps import uniform_group_lookup
-
-
-@dataclass
-class GroupingSearch:
-    """Settings of the differentiable search (cheap: about a third of a QuEST finetune)."""
-
-    steps: int = 100
-    batch_size: int = 32
-    logit_lr: float = 0.05
-    scale_lr: float = 1e-2  # on log-scales
-    tau_start: float = 1.0
-    tau_end: float = 0.05
-    prior: float = 1.0  # initial logit bonus of each timestep's uniform group
-    seed: int = 0
 
 
 def nearest_lookup(visited: list[int], labels: list[int], num_train_timesteps: int) -> torch.Tensor:

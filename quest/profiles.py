@@ -56,6 +56,20 @@ class TargetProfile:
     # bumped whenever the arithmetic of an existing profile changes: a checkpoint finetuned for an
     # older revision simulates something the exporter no longer builds, so loading it is refused
     revision: int = 1
+    # -- how the exported graph expresses this arithmetic (read by quest_export.export) --------
+    # standalone Q and output DQ may read a per-sample scale gathered from the timestep table at
+    # run time (False: constant scales everywhere, as TensorRT needs)
+    runtime_scales: bool = False
+    # quantized Linear layers read by Gemm are exported as MatMul + Add (ONNX Runtime CPU: a Gemm with
+    # a float bias does not fuse into an integer kernel)
+    gemm_as_matmul: bool = False
+    # precision of the float parts of the shipped graph ("fp16": converted after the strict FP32 parity)
+    graph_precision: str = "fp32"
+    # the Q/DQ placement rules the graph must pass (export/lint.py), "" for none
+    graph_rules: str = ""
+    # the engine runtime re-fuses the graph into integer kernels (ONNX Runtime CPU): parity also runs
+    # the runtime's optimised graph and the export reports which kernels it fused
+    fused_kernel_checks: bool = False
     description: str = ""
 
     def weight_spec(self, bits: int) -> QuantSpec:
@@ -93,6 +107,8 @@ TENSORRT = TargetProfile(
     activation_signed=True,
     activation_symmetric=True,
     conv_output_quantizers=False,
+    graph_precision="fp16",
+    graph_rules="tensorrt",
     description=(
         "TensorRT explicit quantization: symmetric INT8 Q/DQ (zero point 0), per-channel weights, "
         "per-tensor activations, inputs of Conv/MatMul quantized and outputs not; sub-8-bit grids in "
@@ -119,6 +135,9 @@ ONNXRUNTIME = TargetProfile(
     # 8-bit weight requests get the 7-bit narrow grid [-63, 63]; 2-7-bit grids are unchanged.
     max_weight_bits=7,
     revision=2,
+    runtime_scales=True,
+    gemm_as_matmul=True,
+    fused_kernel_checks=True,
     description=(
         "ONNX Runtime CPU: uint8 asymmetric activations (one zero point per tensor, shared by all "
         "timestep groups), int8 symmetric per-channel weights at most 7 bits wide ([-63, 63], exact "

@@ -187,6 +187,6 @@ def calibrate(
             quantizer.zero_point.fill_(zp)
     for quantizer, observer in observed:
         if isinstance(quantizer, TiedOutputQuantizer):
-            ratio, zp = fit_tied_ratio(observer, quantizer._input.scale.detach(), quantizer.spec, activation_method, percentile)
+            ratio, zp = fit_tied_ratio(observer, quantizer.input_quantizer.scale.detach(), quantizer.spec, activation_method, percentile)
             quantizer.log_ratio.fill_(float(torch.log(torch.tensor(ratio))))
             quantizer.zero_point.fill_(zp)

@@ -150,7 +150,17 @@ class TiedOutputQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(()))
         self.enabled = True
         self.observer = None
-        object.__setattr__(self, "_input", input_quantizer)
+        object.__setattr__(self, "_input", input_quantizer)  # not a submodule: the conv owns it
+
+    @property
+    def input_quantizer(self) -> ActivationQuantizer:
+        """The conv's input quantizer whose per-timestep table this quantizer's scale follows."""
+        return self._input
+
+    @property
+    def active(self) -> bool:
+        """Quantizes only while both it and its input quantizer are enabled."""
+        return self.enabled and self._input.enabled
 
     def sample_scale(self, y: torch.Tensor) -> torch.Tensor:
         return self._input.sample_scale(y) * self.log_ratio.exp()
@@ -159,7 +169,7 @@ class TiedOutputQuantizer(nn.Module):
         if self.observer is not None:
             self.observer(y.detach(), self._input.current_groups(y.shape[0], y.device))
             return y
-        if not self.enabled or not self._input.enabled:
+        if not self.active:
             return y
         return fake_quant(y, self.sample_scale(y), self.zero_point, self.spec.qmin, self.spec.qmax)
 

@@ -14,12 +14,16 @@ from typing import Any
 import yaml
 
 from quest.errors import QuantConfigError
+from quest.recipe_blocks import (
+    FINETUNE_LOSSES,
+    grouping_search_from_recipe,
+    settings_from_recipe,
+)
 
 _BITS = re.compile(r"^w(\d+)a(\d+)$")
 ACT_INIT_METHODS = ("minmax", "percentile", "mse")
 GROUPINGS = ("uniform", "searched")  # timestep -> group lookup: equal intervals, or quest.grouping's search
 STEP_SELECTIONS = ("uniform", "selected")  # calibration rows: trajectory x_t, or quest.calibration_steps
-FINETUNE_LOSSES = ("quest", "blockwise")  # QuEST's stages, or quest.blockwise distillation
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
@@ -130,14 +134,12 @@ class Recipe:
         ):
             if value not in choices:
                 raise QuantConfigError(f"recipe {self.name}: {what} must be one of {', '.join(choices)}, got {value!r}")
-        if self.grouping_search:
-            from dataclasses import fields
-
-            from quest.grouping import GroupingSearch  # lazy: quest.grouping imports this module
-
-            unknown = sorted(set(self.grouping_search) - {f.name for f in fields(GroupingSearch)})
-            if unknown:
-                raise QuantConfigError(f"recipe {self.name}: grouping_search has unknown keys: {', '.join(unknown)}")
+        for check in (lambda: grouping_search_from_recipe(self.grouping_search),
+                      lambda: settings_from_recipe(self.finetune, class_conditional=True)):
+            try:  # the typed blocks, checked now rather than when a long job reaches them
+                check()
+            except QuantConfigError as exc:
+                raise QuantConfigError(f"recipe {self.name}: {str(exc).removeprefix('recipe ')}") from None
         if not isinstance(self.weight_dilation, bool):
             raise QuantConfigError(f"recipe {self.name}: weight_dilation must be true or false, got {self.weight_dilation!r}")
 

@@ -18,6 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from quest.documents import (  # noqa: F401 - shared with quest/
+    DOCUMENT_HASH,
+    document_sha256,
+    seal_document,
+    sha256_file,
+    verify_document,
+)
 from quest_export.errors import UserError
 
 
@@ -129,15 +136,6 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Content hash of one file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sha256_tree(root: Path) -> str:
     """Content hash of a directory: file paths and contents, in sorted order."""
     digest = hashlib.sha256()
@@ -150,28 +148,7 @@ def sha256_tree(root: Path) -> str:
 
 # -- JSON documents: structure checks and a content hash of the document itself ---------------
 
-DOCUMENT_HASH = "document_sha256"
 _KIND_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true/false"}
-
-
-def document_sha256(doc: dict[str, Any]) -> str:
-    """sha256 of a JSON document's canonical text, without its own ``document_sha256`` field."""
-    body = json.loads(json.dumps({k: v for k, v in doc.items() if k != DOCUMENT_HASH}))
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def seal_document(doc: dict[str, Any]) -> dict[str, Any]:
-    """Add ``document_sha256`` to ``doc`` (in place) so that any later edit of the file is detected."""
-    doc[DOCUMENT_HASH] = document_sha256(doc)
-    return doc
-
-
-def verify_document(doc: dict[str, Any], path: Path, fix: str) -> None:
-    """Refuse a sealed document whose content no longer matches its hash (documents written before
-    sealing existed carry no hash and pass)."""
-    recorded = doc.get(DOCUMENT_HASH)
-    if recorded is not None and recorded != document_sha256(doc):
-        raise UserError(f"{path} was edited after it was written (content hash mismatch); {fix}")
 
 
 def _kind_ok(value: Any, kind: type | tuple[type, ...]) -> bool:

@@ -1,28 +1,11 @@
-"""One error model for every command.
-
-User errors (bad flags, missing files, mismatched artifacts) exit 2 with one line that says what is
-wrong and how to fix it; runtime failures exit 1. The CLI prints a traceback only with ``--debug``.
-"""
+"""One error model for every command (defined in :mod:`quest.errors`, re-exported here), plus the
+CLI's interruption signal."""
 
 from __future__ import annotations
 
+from quest.errors import QuantConfigError, QuestError, RuntimeFailure, UserError
 
-class QuestError(Exception):
-    """Base class for errors that the CLI reports as one line."""
-
-    exit_code: int = 1
-
-
-class UserError(QuestError):
-    """Something the user can fix: a flag, a path, an artifact from another run."""
-
-    exit_code = 2
-
-
-class RuntimeFailure(QuestError):
-    """The command was well-formed but could not complete (out of disk, backend failure)."""
-
-    exit_code = 1
+__all__ = ["Interrupted", "QuantConfigError", "QuestError", "RuntimeFailure", "UserError"]
 
 
 class Interrupted(KeyboardInterrupt):

@@ -22,7 +22,6 @@ import torch
 from quest.calibration import CalibrationSet
 from quest.checkpoint import load_checkpoint, read_checkpoint_meta
 from quest.distributed import DistContext
-from quest.errors import QuantConfigError
 from quest.finetune import QuestFinetuner, fp_copy, settings_from_recipe
 from quest.ptq import calibrate
 from quest.quantize import QuantizedUNet, quantize_unet
@@ -92,12 +91,10 @@ def init_grouping(qunet: QuantizedUNet, fp_unet: torch.nn.Module | None, calib: 
     installs its lookup (the caller re-runs PTQ for the new groups). No-op for uniform grouping."""
     if qunet.recipe.grouping != "searched":
         return {}
-    from quest.grouping import GroupingSearch, search_grouping
+    from quest.grouping import search_grouping
+    from quest.recipe_blocks import grouping_search_from_recipe
 
-    try:
-        search = GroupingSearch(**{"seed": seed, **qunet.recipe.grouping_search})
-    except TypeError as exc:
-        raise QuantConfigError(f"recipe grouping_search: {exc}") from None
+    search = grouping_search_from_recipe(qunet.recipe.grouping_search, seed)
     calibrate(qunet, loop)
     report = search_grouping(qunet, fp_unet, calib, search)
     return {"grouping_search": report, "grouping_search_seconds": report.get("seconds", 0.0)}
@@ -169,10 +166,7 @@ def checkpoint_meta(model: LoadedModel, method: str, calib: CalibrationSet, extr
 
 def load_quantized(directory: Path) -> tuple[LoadedModel, QuantizedUNet, dict[str, Any]]:
     """Load the FP model a checkpoint was made from and quantize it as saved (checks identity)."""
-    try:
-        meta = read_checkpoint_meta(directory)
-    except QuantConfigError as exc:
-        raise UserError(str(exc)) from None
+    meta = read_checkpoint_meta(directory)
     model_info = meta["model"]
     model = load_model("digits" if model_info["name"] == "digits" else model_info["source"])
     if model_info.get("content_hash") and model.content_hash != model_info["content_hash"]:
@@ -180,9 +174,6 @@ def load_quantized(directory: Path) -> tuple[LoadedModel, QuantizedUNet, dict[st
             f"checkpoint {directory} was made from a different {model_info['name']!r} model (content hash mismatch); "
             "re-create it from this model"
         )
-    try:
-        qunet = load_checkpoint(directory, model.pipeline.unet, meta)
-    except QuantConfigError as exc:
-        raise UserError(str(exc)) from None
+    qunet = load_checkpoint(directory, model.pipeline.unet, meta)
     model.pipeline.unet.eval()
     return model, qunet, meta

@@ -133,7 +133,7 @@ def fp32_engine(float_graph: onnx.ModelProto, directory: Path, ort_settings: dic
     onnx.save_model(float_graph, str(source))
     out = directory / "fp32-engine"
     out.mkdir()
-    onnxruntime_backend.build(source, out, ort_settings)
+    onnxruntime_backend.build_model(source, out, ort_settings)
     return out / onnxruntime_backend.MODEL_FILE, source.stat().st_size
 
 
@@ -210,7 +210,7 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
         onnx.save_model(graph, str(path))
         engine_dir = Path(tmp) / "engine"
         engine_dir.mkdir()
-        onnxruntime_backend.build(path, engine_dir, {"intra_op_threads": threads})
+        onnxruntime_backend.build_model(path, engine_dir, {"intra_op_threads": threads})
         from quest_export.export.kernels import integer_kernel_report
 
         linear = len({c for r in records if r.kind == "activation" for c in r.consumers})

@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from quest_export.artifacts import atomic_directory, seal_document, write_json_atomic
-from quest_export.engine import onnxruntime_backend, tensorrt_backend
+from quest_export.engine.backends import BACKENDS, Backend, get_backend
 from quest_export.engine.manifest import FORMAT, MANIFEST, file_entries
 from quest_export.engine.profiles import BuildProfile, load_profile
 from quest_export.errors import UserError
-
-BACKENDS = ("tensorrt", "onnxruntime")
 
 
 def read_export_manifest(directory: Path) -> dict[str, Any]:
@@ -42,6 +40,9 @@ def read_export_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+KERNEL_CHECK_ROWS = 16  # rows fed to the kernel-level check (about 1 s on digits)
+
+
 @dataclass
 class VerifyOptions:
     """How ``build-engine`` verifies the engine it built (engine/verify.py)."""
@@ -56,12 +57,10 @@ def build_engine(source: Path, backend: str, out: Path, *, profile: str | Path =
                  verify: VerifyOptions | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build the engine for ``backend`` from an export directory or a checkpoint, then verify it
     against the simulation on this host (a failing engine is not written)."""
-    if backend not in BACKENDS:
-        raise UserError(f"unknown --backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    engine_backend = get_backend(backend)
     verify = verify or VerifyOptions()
     build_profile = load_profile(profile)
-    if backend == "tensorrt":
-        tensorrt_backend.require_tensorrt()  # before any export work
+    engine_backend.require()  # before any export work
     if out.exists() and not force:
         raise UserError(f"output directory {out} already exists; pass --force to replace it")
     source = Path(source)
@@ -72,15 +71,16 @@ def build_engine(source: Path, backend: str, out: Path, *, profile: str | Path =
 
             log(f"exporting {source} for {backend} first ...")
             export_dir = Path(scratch) / "onnx"
-            export_checkpoint(source, backend, export_dir, calibration=verify.calibration, log=log)
+            export_checkpoint(source, engine_backend.target, export_dir, calibration=verify.calibration, log=log)
         elif (source / "manifest.json").is_file():
             export_dir = source
         else:
             raise UserError(f"{source} is neither a quantized checkpoint nor an exported ONNX directory")
         export = read_export_manifest(export_dir)
-        if export["target"] != backend:
-            raise UserError(f"{source} was exported for target {export['target']!r}; build it with --backend {export['target']} "
-                            f"or export the checkpoint with --target {backend}")
+        if export["target"] != engine_backend.target:
+            fitting = [b.name for b in BACKENDS.values() if b.target == export["target"]]
+            raise UserError(f"{source} was exported for target {export['target']!r}; build it with --backend {' or '.join(fitting)} "
+                            f"or export the checkpoint with --target {engine_backend.target}")
         size = int(export["unet_config"]["sample_size"])
         if not build_profile.latent.contains(size):
             raise UserError(
@@ -88,7 +88,7 @@ def build_engine(source: Path, backend: str, out: Path, *, profile: str | Path =
                 f"but the model exported in {source} has {size}x{size} latents; pass a profile whose latent range includes {size}"
             )
         checks = _verification_inputs(export_dir, export, build_profile, verify, log) if verify.enabled else None
-        return _build_from_export(export_dir, export, backend, build_profile, out, force, started, checks, log)
+        return _build_from_export(export_dir, export, engine_backend, build_profile, out, force, started, checks, log)
 
 
 @dataclass
@@ -126,7 +126,7 @@ def _verification_inputs(export_dir: Path, export: dict[str, Any], profile: Buil
     vset = verify.prepare(unet_fn(qunet.unet), verify.onnx_model_fn(ort_session(reference, optimize=False)), calib,
                           qunet.context.lookup, model.pipeline.scheduler,
                           samples=options.samples, steps=options.steps, batch=batch)
-    log(f"verification set: {len(vset.tensors['call_sample'])} rows from every timestep group, "
+    log(f"verification set: {len(vset.tensors['call_sample'])} rows covering every timestep group, "
         f"{len(vset.tensors['trajectory_noise'])} trajectories of {vset.steps} steps")
     return _Checks(vset, reference)
 
@@ -146,9 +146,10 @@ def _verify_built(tmp: Path, manifest: dict[str, Any], checks: _Checks, readable
 
     engine = EngineUNet.from_engine(tmp, verify="never")
     result = verify.check(unet_fn(engine), checks.vset)
-    where = "the TensorRT engine exposes no intermediate tensors to locate the layer"
+    where = f"the {engine.backend} engine exposes no readable graph to locate the layer"
     if readable is not None:
-        found = diagnose.check_kernels(readable, checks.reference, _kernel_feeds(checks), _engine_session_factory(manifest, engine))
+        sessions = engine.engine_backend.impl.piece_sessions(manifest, engine.runner)
+        found = diagnose.check_kernels(readable, checks.reference, _kernel_feeds(checks), sessions)
         result["kernels"] = diagnose.summary(found)
         result["passed"] = result["passed"] and result["kernels"]["beyond_ties"] == 0
         where = diagnose.describe(found)
@@ -167,40 +168,26 @@ def _verify_built(tmp: Path, manifest: dict[str, Any], checks: _Checks, readable
 
 
 def _kernel_feeds(checks: _Checks) -> dict[str, Any]:
-    """A few verification rows (from several timestep groups) as graph inputs for the kernel check."""
+    """Verification rows spread over every timestep group (they are stored group by group) as
+    graph inputs for the kernel check: a kernel wrong in one group's scales is seen too."""
+    import torch
+
     from quest_export.engine import verify
 
-    rows = min(4, checks.vset.batch)
-    sample, timestep, states = (checks.vset.tensors[k][:rows].numpy() for k in verify.CALL_KEYS[:3])
+    total = len(checks.vset.tensors["call_sample"])
+    pick = torch.linspace(0, total - 1, min(total, KERNEL_CHECK_ROWS)).round().long()
+    sample, timestep, states = (checks.vset.tensors[k][pick].numpy() for k in verify.CALL_KEYS[:3])
     return {"sample": sample, "timestep": timestep, "encoder_hidden_states": states}
 
 
-def _engine_session_factory(manifest: dict[str, Any], engine: Any) -> Callable[[Any, bool], Any]:
-    """Sessions opened with the engine's own options and execution provider (for graph pieces)."""
-    from quest_export.engine.onnxruntime_backend import session_options
-
-    def session(model, optimize):
-        import onnxruntime as ort
-
-        options = session_options(manifest["profile"]["ort"].get("intra_op_threads", 0), optimize=optimize)
-        return ort.InferenceSession(model.SerializeToString(), options, providers=[engine.runner.provider])
-
-    return session
-
-
-def _build_from_export(export_dir: Path, export: dict[str, Any], backend: str, profile: BuildProfile, out: Path,
+def _build_from_export(export_dir: Path, export: dict[str, Any], backend: Backend, profile: BuildProfile, out: Path,
                        force: bool, started: float, checks: _Checks | None, log: Callable[[str], None]) -> dict[str, Any]:
-    from quest_export.engine.host import host_description, runtime_fingerprint
+    from quest_export.engine.host import runtime_fingerprint
 
     config = export["unet_config"]
     onnx_path = export_dir / export["graphs"]["model"]["file"]
     with atomic_directory(out, force=force) as tmp:
-        readable = None
-        if backend == "onnxruntime":
-            fields, readable = onnxruntime_backend.build(onnx_path, tmp, profile.ort)
-            fields["device"] = host_description()
-        else:
-            fields = tensorrt_backend.build(onnx_path, tmp, profile, int(config["in_channels"]), int(config["cross_attention_dim"]))
+        fields, readable = backend.build(onnx_path, tmp, profile, config)
         for extra in ("parity.json",):
             if (export_dir / extra).is_file():
                 shutil.copy(export_dir / extra, tmp / extra)
@@ -208,10 +195,10 @@ def _build_from_export(export_dir: Path, export: dict[str, Any], backend: str, p
         if checks is not None:
             verification = {**checks.vset.save(tmp), "host": fields["device"],
                             "fingerprint": runtime_fingerprint(fields["device"], fields["backend_version"],
-                                                               fields.get("provider", backend))}
+                                                               fields.get("provider", backend.name))}
         manifest = {
             "format": FORMAT,
-            "backend": backend,
+            "backend": backend.name,
             **fields,
             "profile": profile.to_dict(),
             "inputs": export["inputs"],

@@ -63,9 +63,25 @@ def optimize(onnx_path: Path, scratch: Path, ort_settings: dict[str, Any]):
     return model, fusions
 
 
-def build(onnx_path: Path, out_dir: Path, ort_settings: dict[str, Any]):
+def require() -> None:
+    """onnxruntime is a dependency of the package; nothing more is needed on any host."""
+
+
+def device_description() -> dict[str, Any]:
+    """The host CPU and the features its integer kernels depend on (engine/host.py)."""
+    from quest_export.engine.host import host_description
+
+    return host_description()
+
+
+def build(onnx_path: Path, out_dir: Path, profile: Any, unet_config: dict[str, Any] | None = None):
+    """The registry's build (engine/backends.py): :func:`build_model` with the build profile's ORT settings."""
+    return build_model(onnx_path, out_dir, profile.ort)
+
+
+def build_model(onnx_path: Path, out_dir: Path, ort_settings: dict[str, Any]):
     """Optimise ``onnx_path`` offline into ``out_dir/model.ort.onnx``; returns the manifest fields
-    and the optimised graph with its readable names (what verification diagnoses a failure on)."""
+    and the optimised graph with its readable names (what verification checks kernel by kernel)."""
     import onnxruntime as ort
 
     import onnx
@@ -78,8 +94,26 @@ def build(onnx_path: Path, out_dir: Path, ort_settings: dict[str, Any]):
     stored = storage.store_engine_model(model)  # packed 4-bit weights, compact names
     onnx.save_model(model, str(out_dir / MODEL_FILE))
     fields = {"backend_version": ort.__version__, "model_file": MODEL_FILE, "provider": "CPUExecutionProvider",
-              "storage": stored, "fusions": fusions}
+              "storage": stored, "fusions": fusions, "device": device_description()}
     return fields, readable
+
+
+def piece_sessions(manifest: dict[str, Any], runner: "OrtRunner"):
+    """Opens sessions on pieces of the engine graph with the engine's own options and execution
+    provider (engine/diagnose.py's kernel-level check)."""
+
+    def session(model, optimize: bool):
+        import onnxruntime as ort
+
+        options = session_options(manifest["profile"]["ort"].get("intra_op_threads", 0), optimize=optimize)
+        options.log_severity_level = 4  # a piece ORT cannot run alone is skipped, not reported
+        return ort.InferenceSession(model.SerializeToString(), options, providers=[runner.provider])
+
+    return session
+
+
+def open_runner(directory: Path, manifest: dict[str, Any], threads: int | None = None) -> "OrtRunner":
+    return OrtRunner(directory, manifest, threads=threads)
 
 
 class OrtRunner:
@@ -101,3 +135,10 @@ class OrtRunner:
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray:
         feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
         return self.session.run([self.output_name], feeds)[0]
+
+    def run(self, sample: Any, timestep: Any, encoder_hidden_states: Any) -> Any:
+        """The same call on torch tensors (what EngineUNet passes), returning a CPU tensor."""
+        import torch
+
+        arrays = (np.ascontiguousarray(x.detach().float().cpu().numpy()) for x in (sample, timestep, encoder_hidden_states))
+        return torch.from_numpy(self(*arrays))

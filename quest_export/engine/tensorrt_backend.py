@@ -18,6 +18,10 @@ from quest_export.errors import UserError
 PLAN_FILE = "engine.plan"
 
 
+def require() -> None:
+    require_tensorrt()
+
+
 def require_tensorrt():
     """The ``tensorrt`` module and a CUDA device, or a clear UserError."""
     try:
@@ -41,8 +45,9 @@ def device_description() -> dict[str, Any]:
     return {"kind": "cuda", "name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
 
 
-def build(onnx_path: Path, out_dir: Path, profile: BuildProfile, in_channels: int, hidden: int) -> dict[str, Any]:
-    """Parse, build and serialize; returns manifest fields."""
+def build(onnx_path: Path, out_dir: Path, profile: BuildProfile, unet_config: dict[str, Any]) -> tuple[dict[str, Any], None]:
+    """Parse, build and serialize; returns manifest fields (a plan exposes no readable graph)."""
+    in_channels, hidden = int(unet_config["in_channels"]), int(unet_config["cross_attention_dim"])
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -69,7 +74,11 @@ def build(onnx_path: Path, out_dir: Path, profile: BuildProfile, in_channels: in
     if cache_path:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"backend_version": trt.__version__, "model_file": PLAN_FILE, "device": device_description()}
+    return {"backend_version": trt.__version__, "model_file": PLAN_FILE, "device": device_description()}, None
+
+
+def open_runner(directory: Path, manifest: dict[str, Any], threads: int | None = None) -> "TrtRunner":
+    return TrtRunner(directory, manifest)
 
 
 class TrtRunner:
@@ -113,3 +122,7 @@ class TrtRunner:
             raise RuntimeError("TensorRT execution failed")
         self.stream.synchronize()
         return out
+
+    def run(self, sample, timestep, encoder_hidden_states):
+        """EngineUNet's call: float32 torch tensors in, the CUDA output tensor out."""
+        return self(sample.float(), timestep, encoder_hidden_states.float())

@@ -7,11 +7,18 @@ The engine is another program: fused integer kernels chosen by the host CPU (MLA
 TensorRT tactics). Fused kernels cannot be teacher-forced, so the engine is judged free-running, by
 how far it strays from the simulation compared with how far the verified reference graph strays:
 
-* **per call**, on rows from every timestep group: the relative L2 error of the noise prediction vs
-  the simulation may be at most ``PER_CALL_FACTOR`` times the reference graph's own (both differ
-  from the simulation only by float round-off that flips rounding ties, which then propagate; an
-  engine whose kernels compute other integers is an order of magnitude off, measured 12x on an
-  AVX2-only host with 8-bit weights), with a floor of ``PER_CALL_FLOOR`` for graphs with no flips;
+* **per call**, on ``ROWS_PER_GROUP`` rows from every timestep group: the median over rows of the
+  relative L2 error of each row's noise prediction vs the simulation may be at most
+  ``PER_CALL_FACTOR`` times the reference graph's own (both differ from the simulation only by float
+  round-off that flips rounding ties, which then propagate; an engine whose kernels compute other
+  integers is an order of magnitude off on every row, measured 12x on an AVX2-only host with 8-bit
+  weights), and at least the reference's error pooled over all rows (where most rows of the
+  reference have no flip at all, its median is 0 while a single flip in an engine row moves that
+  row by 1e-2; measured on a W4A4 test engine), with a floor of ``PER_CALL_FLOOR``. The median, because tie
+  flips propagate chaotically in a few rows (measured: one t=0 row at 0.085 for the engine and 0.002
+  for the reference, the next row the other way round), so an error pooled over few rows is decided
+  by one row; a systematic error moves every row. Kernel-level faults too small or too local for
+  these figures are the build's kernel check (engine/diagnose.py);
 * **along a sampling trajectory** (the deployment scheduler and guidance, from seeded noise): the
   mean per-sample PSNR of the final latents vs the simulation's must reach ``TRAJECTORY_PSNR_DB``,
   or come within ``TRAJECTORY_MARGIN_DB`` of the reference graph's own PSNR where that is lower:
@@ -47,12 +54,19 @@ PER_CALL_FACTOR = 2.0
 PER_CALL_FLOOR = 1e-3
 TRAJECTORY_PSNR_DB = 40.0
 TRAJECTORY_MARGIN_DB = 3.0
+ROWS_PER_GROUP = 8
 CALL_KEYS = ("call_sample", "call_timestep", "call_states", "call_expected")
 TRAJECTORY_KEYS = ("trajectory_noise", "trajectory_states", "trajectory_expected")
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+
+
+def row_relative_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Relative L2 error of every row (sample) separately."""
+    diff = (got.float() - want.float()).flatten(1).norm(dim=1)
+    return diff / want.float().flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
 def trajectory_psnr(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -91,7 +105,8 @@ class VerificationSet:
             out = torch.cat([model(t["call_sample"][i : i + self.batch], t["call_timestep"][i : i + self.batch],
                                    t["call_states"][i : i + self.batch]) for i in range(0, len(t["call_sample"]), self.batch)])
             final = self._trajectories(model)
-        return {"per_call_rel_error": relative_error(out, t["call_expected"]),
+        return {"per_call_rel_error": float(row_relative_errors(out, t["call_expected"]).median()),
+                "per_call_pooled_rel_error": relative_error(out, t["call_expected"]),
                 "per_call_max_abs_error": float((out.float() - t["call_expected"]).abs().max()),
                 "trajectory_psnr_db": trajectory_psnr(final, t["trajectory_expected"])}
 
@@ -137,7 +152,8 @@ class VerificationSet:
 
 def bounds_for(reference: dict[str, float]) -> dict[str, float]:
     """The engine's bounds from the reference graph's own figures (module docstring)."""
-    return {"per_call_rel_error": max(PER_CALL_FACTOR * reference["per_call_rel_error"], PER_CALL_FLOOR),
+    return {"per_call_rel_error": max(PER_CALL_FACTOR * reference["per_call_rel_error"],
+                                      reference.get("per_call_pooled_rel_error", 0.0), PER_CALL_FLOOR),
             "trajectory_psnr_db": min(TRAJECTORY_PSNR_DB, reference["trajectory_psnr_db"] - TRAJECTORY_MARGIN_DB)}
 
 
@@ -149,7 +165,7 @@ def prepare(simulation: ModelFn, reference: ModelFn, calib: Any, lookup: torch.T
     from quest_export.export.parity import inputs_covering_groups
 
     x, t, states = calib.unet_inputs(torch.arange(len(calib)))
-    rows = inputs_covering_groups(x, t.float(), states, lookup)
+    rows = inputs_covering_groups(x, t.float(), states, lookup, per_group=ROWS_PER_GROUP)
     first = torch.nonzero(calib.t == calib.t.max()).flatten()[:samples]  # one row per trajectory, at its start
     cond = calib.cond[first].float()
     guidance = float(calib.meta.get("guidance", 1.0)) if calib.uncond is not None else 1.0
@@ -188,7 +204,7 @@ def check(model: ModelFn, vset: VerificationSet) -> dict[str, Any]:
 
 def failure_summary(result: dict[str, Any]) -> str:
     b = result["bounds"]
-    return (f"per-call error {result['per_call_rel_error']:.3g} (bound {b['per_call_rel_error']:.3g}, reference graph "
+    return (f"per-call error {result['per_call_rel_error']:.3g} (median over rows; bound {b['per_call_rel_error']:.3g}, reference graph "
             f"{result['reference_graph'].get('per_call_rel_error', math.nan):.3g}), trajectory PSNR "
             f"{result['trajectory_psnr_db']:.1f} dB (bound {b['trajectory_psnr_db']:.1f} dB)")
 

@@ -22,7 +22,6 @@ from quest_export.export import lint, parity, passes, qdq, trace
 from quest_export.export.manifest import build_manifest
 
 OPSET = 21
-TARGETS = ("tensorrt", "onnxruntime")
 TIMESTEP_SCALES = ("table", "per-engine")
 FP16_CODE_AGREEMENT = 0.97  # documented FP16 bound (README "Export"): FP16 rounding of activations and softmax
 # probabilities before Q moves up to ~2.5% of codes by one step (the strict check runs on the FP32 Q/DQ graph)
@@ -40,8 +39,10 @@ class ExportResult:
 
 def check_target(checkpoint_target: str, target: str) -> None:
     """A checkpoint runs only on the arithmetic it was finetuned for: refuse, never convert."""
-    if target not in TARGETS:
-        raise UserError(f"unknown --target {target!r}; choose one of: {', '.join(TARGETS)}")
+    from quest.profiles import PROFILES
+
+    if target not in PROFILES:
+        raise UserError(f"unknown --target {target!r}; choose one of: {', '.join(PROFILES)}")
     if checkpoint_target != target:
         raise UserError(
             f"the checkpoint was made for target {checkpoint_target!r}, whose integer arithmetic differs from {target!r}; "
@@ -85,6 +86,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scal
     started = time.perf_counter()
     model, qunet, meta = load_quantized(Path(checkpoint))
     check_target(meta["target"], target)
+    profile = qunet.profile
     if out.exists() and not force:
         raise UserError(f"output directory {out} already exists; pass --force to replace it")
     lookup = qunet.context.lookup.cpu().numpy()
@@ -109,14 +111,13 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scal
             graph, records = qdq.insert_qdq(marked, quantizers, qunet.profile, graph_lookup, OPSET)
             graph = passes.fold_constants(graph)
             fp32_graph = graph
-            precision = "fp32"
-            if target == "tensorrt":
+            precision = profile.graph_precision
+            if precision == "fp16":
                 graph = passes.to_fp16(graph)
-                precision = "fp16"
-                problems = lint.lint_tensorrt(graph)
-                if problems:
-                    raise UserError(f"the exported graph breaks TensorRT's quantization rules: {problems[0]} "
-                                    f"({len(problems)} problem(s)); the checkpoint cannot be expressed on tensorrt")
+            problems = lint.lint(graph, profile.graph_rules)
+            if problems:
+                raise UserError(f"the exported graph breaks {profile.graph_rules}'s quantization rules: {problems[0]} "
+                                f"({len(problems)} problem(s)); the checkpoint cannot be expressed on {target}")
             onnx.checker.check_model(graph, full_check=False) if graph.ByteSize() < EXTERNAL_DATA_LIMIT else None
             path = tmp / (GRAPH_FILE if group is None else f"model.group{group}.onnx")
             save_graph(graph, path)
@@ -125,7 +126,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scal
             if inputs is not None:
                 rows = inputs if group is None else _rows_of_group(inputs, lookup, group)
                 log(f"verifying {key} against the simulation on {rows.sample.shape[0]} inputs ...")
-                strict = parity.check_parity(fp32_graph, records, qunet, rows, check_optimized=target == "onnxruntime")
+                strict = parity.check_parity(fp32_graph, records, qunet, rows, check_optimized=profile.fused_kernel_checks)
                 entry = strict.to_dict()
                 if precision == "fp16":
                     shipped = parity.check_parity(graph, records, qunet, rows, code_threshold=FP16_CODE_AGREEMENT,
@@ -137,7 +138,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scal
         if parity_doc is not None:
             write_json_atomic(tmp / "parity.json", parity_doc)
         kernel_report = None
-        if target == "onnxruntime" and "model" in graph_files:
+        if profile.fused_kernel_checks and "model" in graph_files:
             from quest_export.export.kernels import integer_kernel_report
 
             linear = len({c for r in all_records if r.kind == "activation" for c in r.consumers})

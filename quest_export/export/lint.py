@@ -99,3 +99,11 @@ def lint_tensorrt(model: onnx.ModelProto) -> list[LintIssue]:
                 if expected is not None and axis != expected:
                     issues.append(LintIssue("channel-axis", label, f"per-channel axis {axis} is not the output-channel axis {expected} of {reader.op_type}"))
     return issues
+
+
+RULES = {"tensorrt": lint_tensorrt}  # TargetProfile.graph_rules -> the checker of that rule set
+
+
+def lint(model: onnx.ModelProto, rules: str) -> list[LintIssue]:
+    """The problems of ``model`` under the named rule set ("" checks nothing)."""
+    return RULES[rules](model) if rules else []

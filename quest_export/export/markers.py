@@ -57,7 +57,7 @@ def marked_quantizers(unet: nn.Module) -> Iterator[dict[str, nn.Module]]:
         kind = quantizer_kind(module)
         if kind is None or not module.enabled:
             continue
-        if kind == "output" and not module._input.enabled:
+        if kind == "output" and not module.active:
             continue
         marked[name] = module
         module.forward = (lambda x, _n=name, _k=kind: _Mark.apply(x, _n, _k))  # instance override

@@ -101,7 +101,7 @@ def _run_simulation(qunet: QuantizedUNet, inputs: ParityInputs, names: set[str],
             graph = torch.from_numpy(forced[_name]).to(own.dtype)
             if _name in factors:  # an output quantizer reads the conv output in the rescaled domain
                 table = torch.tensor(factors[_name], dtype=own.dtype)
-                groups = mod._input.current_groups(own.shape[0], own.device)
+                groups = mod.input_quantizer.current_groups(own.shape[0], own.device)
                 graph = graph * table[groups].view(-1, *([1] * (own.dim() - 1)))
             step = mod.sample_scale(own)
             deviation[_name] = float(((own - graph).abs() / step).max())

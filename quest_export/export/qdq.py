@@ -40,12 +40,6 @@ LINEAR_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
 
 
-# targets whose integer MatMul kernel needs a plain MatMul (ONNX Runtime CPU: Gemm with a float bias
-# does not fuse); their quantized Linear layers read by Gemm are exported as MatMul + Add
-GEMM_AS_MATMUL = ("onnxruntime",)
-# targets whose standalone Q / output DQ may read a per-sample scale gathered at run time (TensorRT
-# needs constant scales everywhere)
-RUNTIME_SCALES = ("onnxruntime",)
 
 
 def _plain_gemm(node: gs.Node, weight: gs.Tensor) -> bool:
@@ -113,7 +107,7 @@ class QDQBuilder:
         self._linear_nodes: dict[str, gs.Node] = {}
         self._output_markers: dict[str, gs.Variable] = {}  # linear node name -> output DQ variable
         self._output_dq: dict[str, tuple[gs.Node, float, float]] = {}  # linear node -> (output DQ, scale, zero point)
-        self.runtime_scales = profile.name in RUNTIME_SCALES
+        self.runtime_scales = profile.runtime_scales
         self._per_sample_zero_points: dict[tuple[float, str, int], gs.Variable] = {}
 
     # -- helpers -------------------------------------------------------------------------------
@@ -243,7 +237,7 @@ class QDQBuilder:
             out = transpose.outputs[0]
             transpose.inputs.clear()
             transpose.outputs.clear()
-        elif len(readers) == 1 and self.profile.name in GEMM_AS_MATMUL and _plain_gemm(readers[0], out):
+        elif len(readers) == 1 and self.profile.gemm_as_matmul and _plain_gemm(readers[0], out):
             codes, axis = codes.T, 1  # Gemm(transB=1) -> MatMul(x, W^T) + bias: fuses as MatMulIntegerToFloat
             self._gemm_to_matmul(readers[0])
         codes_c = self._const(f"quest_codes/{name}", codes)
@@ -288,7 +282,7 @@ class QDQBuilder:
             raise ExportError(f"{name}: output quantizer does not follow a Conv/MatMul")
         node.inputs.clear()
         node.outputs.clear()
-        table, s0 = self._table(quantizer._input)
+        table, s0 = self._table(quantizer.input_quantizer)
         scale = s0 * float(quantizer.log_ratio.detach().exp())
         codes = self._qdq(name, y, out, scale, float(quantizer.zero_point), quantizer.spec)
         self._output_markers[producer.name] = out

@@ -14,12 +14,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from quest_export.engine.backends import backend_of_manifest
 from quest_export.engine.manifest import check_backend, read_engine_manifest
 from quest_export.engine.profiles import BuildProfile
 from quest_export.errors import UserError
@@ -39,10 +39,11 @@ class EngineUNet(nn.Module):
         self.directory = Path(directory)
         self.manifest = manifest
         self.runner = runner
-        self.backend = manifest["backend"]
+        self.engine_backend = backend_of_manifest(manifest)
+        self.backend = self.engine_backend.name
         self.profile = BuildProfile.from_dict(manifest["profile"])
         self._config = FrozenDict(manifest["unet_config"])
-        self._device = torch.device("cuda" if self.backend == "tensorrt" else "cpu")
+        self._device = torch.device(self.engine_backend.device)
         self.verification: dict[str, Any] | None = (manifest.get("verification") or {}).get("result")
 
     @classmethod
@@ -59,16 +60,7 @@ class EngineUNet(nn.Module):
             raise UserError(f"unknown verify mode {verify!r}; choose one of: {', '.join(VERIFY_MODES)}")
         manifest = read_engine_manifest(directory)
         check_backend(manifest, backend)
-        if manifest["backend"] == "onnxruntime":
-            from quest_export.engine.onnxruntime_backend import OrtRunner
-
-            runner = OrtRunner(Path(directory), manifest, threads=threads)
-        elif manifest["backend"] == "tensorrt":
-            from quest_export.engine.tensorrt_backend import TrtRunner
-
-            runner = TrtRunner(Path(directory), manifest)
-        else:
-            raise UserError(f"engine backend {manifest['backend']!r} is unknown to this version; rebuild the engine")
+        runner = backend_of_manifest(manifest).open_runner(Path(directory), manifest, threads)
         engine = cls(Path(directory), manifest, runner)
         if verify != "never":
             engine.reverify(force=verify == "always")
@@ -88,12 +80,7 @@ class EngineUNet(nn.Module):
             warnings.warn(f"engine {self.directory} was built without engine verification (--no-verify); "
                           "what it computes was not checked against the simulation", stacklevel=3)
             return None
-        if self.backend == "tensorrt":  # TensorRT tactics depend on the GPU, not the CPU
-            from quest_export.engine.tensorrt_backend import device_description
-
-            here = device_description()
-        else:
-            here = host.host_description()
+        here = self.engine_backend.device_description()  # the CPU for ORT; the GPU for TensorRT tactics
         fingerprint = host.runtime_fingerprint(here, self.manifest["backend_version"], getattr(self.runner, "provider", self.backend))
         if not force and fingerprint == section["fingerprint"]:
             return section["result"]
@@ -155,13 +142,6 @@ class EngineUNet(nn.Module):
         for name, tensor in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
             if not torch.isfinite(tensor).all():
                 raise UserError(f"{name} contains NaN or Inf; check the scheduler and inputs")
-        if self.backend == "tensorrt":
-            out = self.runner(sample.float(), t, encoder_hidden_states.float())
-        else:
-            out = torch.from_numpy(self.runner(
-                np.ascontiguousarray(sample.detach().float().cpu().numpy()),
-                np.ascontiguousarray(t.cpu().numpy()),
-                np.ascontiguousarray(encoder_hidden_states.detach().float().cpu().numpy()),
-            ))
+        out = self.runner.run(sample, t, encoder_hidden_states)
         out = out.to(device=sample.device, dtype=sample.dtype)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)

@@ -1,0 +1,77 @@
+"""The engine backends, in one registry: what ``build-engine``, ``EngineUNet`` and ``bench`` ask of
+a backend goes through :class:`Backend`, so nothing outside a backend's own module branches on its
+name.
+
+Each backend module provides ``require()`` (its runtime is installed and usable here, else one
+UserError line), ``build(onnx_path, out_dir, profile, unet_config) -> (manifest fields, readable
+engine graph or None)``, ``open_runner(directory, manifest, threads)`` (an object with
+``run(sample, timestep, encoder_hidden_states) -> tensor`` on torch tensors) and
+``device_description()`` (what the engine's kernels depend on, recorded in the manifest and compared
+when the engine is loaded). Modules are imported lazily: TensorRT need not be installed to use
+ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from quest_export.errors import UserError
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One engine backend."""
+
+    name: str
+    target: str  # the target profile (quest.profiles) whose exported graphs it builds
+    device: str  # the torch device EngineUNet reports to pipelines
+    module: str  # the implementation module
+    description: str
+
+    @property
+    def impl(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def require(self) -> None:
+        """Fail early, with the fix, when this backend cannot run on this machine."""
+        self.impl.require()
+
+    def build(self, onnx_path: Path, out_dir: Path, profile: Any, unet_config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        return self.impl.build(Path(onnx_path), Path(out_dir), profile, unet_config)
+
+    def open_runner(self, directory: Path, manifest: dict[str, Any], threads: int | None = None) -> Any:
+        return self.impl.open_runner(Path(directory), manifest, threads)
+
+    def device_description(self) -> dict[str, Any]:
+        return self.impl.device_description()
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("tensorrt", target="tensorrt", device="cuda", module="quest_export.engine.tensorrt_backend",
+                description="TensorRT plan (NVIDIA GPU)"),
+        Backend("onnxruntime", target="onnxruntime", device="cpu", module="quest_export.engine.onnxruntime_backend",
+                description="ONNX Runtime offline-optimised model (CPU integer kernels)"),
+    )
+}
+
+
+def get_backend(name: str, what: str = "--backend") -> Backend:
+    """The backend called ``name``, or one line listing the known ones."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise UserError(f"unknown {what} {name!r}; choose one of: {', '.join(BACKENDS)}") from None
+
+
+def backend_of_manifest(manifest: dict[str, Any]) -> Backend:
+    """The backend an engine directory was built with (an engine from a newer version is refused)."""
+    backend = BACKENDS.get(manifest["backend"])
+    if backend is None:
+        raise UserError(f"engine backend {manifest['backend']!r} is unknown to this version; rebuild the engine")
+    return backend
