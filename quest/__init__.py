@@ -4,5 +4,3 @@ Target profiles decide the arithmetic; quantizers and quantized modules simulate
 calibration records the FP model's own trajectories; PTQ initialises ranges; QuEST finetunes.
 Nothing here imports ONNX: export lives in ``quest_export``.
 """
-
-__version__ = "0.1.0"  # the distribution's version (quest-export); recorded in checkpoints

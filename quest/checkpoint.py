@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from quest import __version__
+from quest.version import __version__
 from quest.documents import seal_document, sha256_file, verify_document
 from quest.errors import QuantConfigError
 from quest.quantize import QuantizedUNet, quantize_unet

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quest import __version__  # noqa: F401 - one version for both packages
+from quest.version import __version__  # noqa: F401 - one version for both packages
 
 _LAZY = {
     "DigitsPipeline": "quest_export.pipelines.digits",

@@ -19,7 +19,7 @@ CALIB_META = "calibration.json"
 def record_for_model(model: LoadedModel, settings: CalibrationSettings) -> CalibrationSet:
     """Sample ``settings.trajectories`` FP trajectories with the deployment scheduler and record
     the UNet inputs at every step (the step grid is evenly spaced by the scheduler)."""
-    guidance = default_guidance(settings.guidance, model.is_digits)
+    guidance = default_guidance(settings.guidance, model)
     meta: dict[str, Any] = {
         "model": model.spec.name,
         "model_hash": model.content_hash,
@@ -30,7 +30,7 @@ def record_for_model(model: LoadedModel, settings: CalibrationSettings) -> Calib
         "scheduler": type(model.pipeline.scheduler).__name__,
         "step_selection": settings.step_selection,
     }
-    if model.is_digits:
+    if model.traits.class_conditional:
         labels = balanced_labels(settings.trajectories)
 
         def run() -> None:
@@ -116,4 +116,24 @@ def load_calibration(directory: Path, model: LoadedModel) -> CalibrationSet:
         raise UserError(f"calibration set {directory} was recorded from model {meta.get('model')!r}, not {model.spec.name!r}; record one for this model")
     if len(calib) != meta["rows"]:
         raise UserError(f"{meta_path} says {meta['rows']} rows but {tensors} holds {len(calib)}; re-record the calibration set")
+    return calib
+
+
+def settings_with(trajectories: int | None = None, steps: int | None = None, guidance: float | None = None,
+                  seed: int | None = None, step_selection: str | None = None) -> CalibrationSettings:
+    """The recipe defaults with ``calibrate``'s flags on top (None keeps the default)."""
+    defaults = CalibrationSettings()
+    return CalibrationSettings(trajectories=trajectories or defaults.trajectories, steps=steps or defaults.steps,
+                               guidance=guidance, seed=defaults.seed if seed is None else seed,
+                               step_selection=step_selection or defaults.step_selection)
+
+
+def record_to_directory(model: str, settings: CalibrationSettings, out: Path, force: bool = False) -> CalibrationSet:
+    """Load ``model``, record its calibration set and write it to ``out`` atomically."""
+    from quest_export.artifacts import atomic_directory
+    from quest_export.models.resolve import load_model
+
+    calib = record_for_model(load_model(model), settings)
+    with atomic_directory(out, force=force) as tmp:
+        save_calibration(tmp, calib)
     return calib

@@ -27,7 +27,7 @@ from quest.ptq import calibrate
 from quest.quantize import QuantizedUNet, quantize_unet
 from quest.recipe import Recipe
 from quest_export.errors import UserError
-from quest_export.models.resolve import LoadedModel, load_model
+from quest_export.models.resolve import LoadedModel, load_model, source_of
 
 METHODS = ("ptq", "ptq-timestep", "modelopt", "quest")
 
@@ -45,8 +45,10 @@ def forward_loop_for(calib: CalibrationSet, batch_size: int = 64):
 
 def check_method_target(method: str, target: str) -> None:
     """ModelOpt's PTQ is symmetric INT8: it only has TensorRT's arithmetic."""
-    if method == "modelopt" and target != "tensorrt":
-        raise UserError("--method modelopt is ModelOpt's symmetric INT8 PTQ (TensorRT arithmetic); use --target tensorrt")
+    from quest_export.baselines.modelopt_ptq import MODELOPT_TARGET
+
+    if method == "modelopt" and target != MODELOPT_TARGET:
+        raise UserError(f"--method modelopt is ModelOpt's symmetric INT8 PTQ (TensorRT arithmetic); use --target {MODELOPT_TARGET}")
 
 
 def recipe_for_method(recipe: Recipe, method: str) -> Recipe:
@@ -112,7 +114,7 @@ def quantize_with_method(
     options = apply_fp_options(unet, recipe, calib)
     if method == "quest":
         run = run or FinetuneRun()
-        settings = settings_from_recipe(recipe.finetune, class_conditional=model.is_digits)
+        settings = settings_from_recipe(recipe.finetune, class_conditional=model.traits.class_conditional)
         fp_unet = fp_copy(unet)
         qunet = quantize_unet(unet, recipe)
         options |= init_grouping(qunet, fp_unet, calib, loop, settings.seed)
@@ -168,7 +170,7 @@ def load_quantized(directory: Path) -> tuple[LoadedModel, QuantizedUNet, dict[st
     """Load the FP model a checkpoint was made from and quantize it as saved (checks identity)."""
     meta = read_checkpoint_meta(directory)
     model_info = meta["model"]
-    model = load_model("digits" if model_info["name"] == "digits" else model_info["source"])
+    model = load_model(source_of(model_info))
     if model_info.get("content_hash") and model.content_hash != model_info["content_hash"]:
         raise UserError(
             f"checkpoint {directory} was made from a different {model_info['name']!r} model (content hash mismatch); "

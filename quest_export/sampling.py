@@ -13,9 +13,9 @@ import torch
 from quest_export.models.resolve import LoadedModel
 
 
-def default_guidance(guidance: float | None, is_digits: bool) -> float:
-    """Classifier-free guidance scale: 2.0 for the digits demo, 7.5 (SD's usual) otherwise."""
-    return guidance if guidance is not None else (2.0 if is_digits else 7.5)
+def default_guidance(guidance: float | None, model: LoadedModel) -> float:
+    """Classifier-free guidance scale: ``guidance``, else the model family's default."""
+    return guidance if guidance is not None else model.traits.default_guidance
 
 
 def balanced_labels(count: int, num_classes: int = 10) -> torch.Tensor:
@@ -83,3 +83,15 @@ def sample_prompts(
         )
         chunks.append(out.images.float().clamp(0, 1))
     return torch.cat(chunks)
+
+
+def sample_grid(model: LoadedModel, num_images: int, steps: int, guidance: float, seed: int, label: int | None = None,
+                prompts: list[str] | None = None, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """Images for ``generate``'s grid, and the grid layout that suits them: class-conditional
+    models draw ``label`` (or every class in turn, one class per column), others cycle ``prompts``."""
+    if model.traits.class_conditional:
+        labels = torch.full((num_images,), label) if label is not None else balanced_labels(num_images)
+        return sample_digits(model, labels, steps, guidance, seed, progress=progress), {"ncols": 10 if label is None else None, "upscale": 4}
+    prompts = list(prompts or ["a photograph of an astronaut riding a horse"])
+    prompts = [prompts[i % len(prompts)] for i in range(max(num_images, len(prompts)))]
+    return sample_prompts(model, prompts, steps, guidance, seed, progress=progress), {}

@@ -26,6 +26,8 @@ from quest.profiles import TENSORRT
 from quest.quantize import QuantizedUNet, quantize_unet
 from quest.recipe import LayerRule, Recipe
 
+MODELOPT_TARGET = TENSORRT.name  # ModelOpt INT8 PTQ is symmetric with constant scales: TensorRT's arithmetic
+
 
 def modelopt_config(recipe: Recipe) -> dict:
     """ModelOpt quant config: INT8_DEFAULT_CFG at W8A8, the same layout at other bit-widths."""
@@ -81,7 +83,7 @@ def convert_to_quest(unet: nn.Module, modelopt_unet: nn.Module, recipe: Recipe) 
         if isinstance(module, (nn.Conv2d, nn.Linear)) and not _enabled(getattr(module, "input_quantizer", None)):
             if type(unet.get_submodule(name)) in (nn.Conv2d, nn.Linear):
                 rules.append(LayerRule(pattern=name, quantize=False))
-    converted = replace(recipe, name=f"{recipe.name}+modelopt", target="tensorrt", timestep_groups=1, quantize_attention=False, layers=rules)
+    converted = replace(recipe, name=f"{recipe.name}+modelopt", target=MODELOPT_TARGET, timestep_groups=1, quantize_attention=False, layers=rules)
     qunet = quantize_unet(unet, converted, TENSORRT)
     with torch.no_grad():
         for name, module in qunet.unet.named_modules():

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from quest_export.engine import onnxruntime_backend, storage
+from quest_export.errors import UserError
 
 
 def _timed(run: Callable[[], Any]) -> float:
@@ -254,3 +255,15 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
                             iterations, profile)
     result.update({"engine": str(directory), "backend": "onnxruntime", "bits": manifest["source_checkpoint"].get("bits")})
     return result
+
+
+def check_bench_request(engine: Path | None, model: str | None, bits: str) -> None:
+    """``bench`` times either a built engine or the built-in bench-unet at ``bits``."""
+    from quest.recipe import parse_bits
+
+    if (engine is None) == (model is None):
+        raise UserError("pass either --engine DIR or --model bench-unet")
+    if model is not None and model != "bench-unet":
+        raise UserError(f"--model {model!r}: bench builds only the built-in bench-unet; build other models with build-engine and pass --engine")
+    if model is not None:
+        parse_bits(bits)

@@ -177,7 +177,7 @@ def unet_config_dict(unet) -> dict[str, Any]:
 
 
 def _default_tokens(model) -> int:
-    return 4 if model.is_digits else 77
+    return model.traits.trace_tokens
 
 
 def _rows_of_group(inputs: parity.ParityInputs, lookup: np.ndarray, group: int) -> parity.ParityInputs:

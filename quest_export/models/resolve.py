@@ -27,6 +27,7 @@ SD_ALIASES: dict[str, str] = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 
+SHIPPED = ("digits",)  # models inside the package
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Family = Literal["digits", "diffusers"]
@@ -54,8 +55,20 @@ class LoadedModel:
     pipeline: Any
 
     @property
+    def traits(self):
+        """The model family's facts (models/family.py)."""
+        from quest_export.models.family import family
+
+        return family(self.spec.family)
+
+    @property
     def is_digits(self) -> bool:
         return self.spec.family == "digits"
+
+    @property
+    def reload_name(self) -> str:
+        """What ``load_model`` takes to load this model again (a shipped model by its name)."""
+        return self.spec.name if self.traits.shipped else self.spec.source
 
     @cached_property
     def content_hash(self) -> str | None:
@@ -78,6 +91,12 @@ def _local_family(path: Path) -> Family:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise UserError(f"{index} is not valid JSON; re-save the model with save_pretrained") from None
     return "digits" if class_name == "DigitsPipeline" else "diffusers"
+
+
+def source_of(model_info: dict[str, Any]) -> str:
+    """What ``load_model`` takes for a model recorded in a checkpoint as ``{"name", "source"}``:
+    a shipped model by its name (its path differs between installs), any other by its source."""
+    return model_info["name"] if model_info["name"] in SHIPPED else model_info["source"]
 
 
 def resolve_model_spec(name: str) -> ModelSpec:

@@ -66,6 +66,12 @@ class EngineUNet(nn.Module):
             engine.reverify(force=verify == "always")
         return engine
 
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> "EngineUNet":
+        """diffusers-style name for :meth:`from_engine` (an engine directory from ``build-engine``
+        or ``api.Engine.save``)."""
+        return cls.from_engine(Path(directory), **kwargs)
+
     def reverify(self, force: bool = False) -> dict[str, Any] | None:
         """Re-run the stored verification when this host could compute other codes (see
         ``from_engine``); refuses the engine with one line when it fails here."""
