@@ -4,7 +4,8 @@
     from quest_export import api
     from quest_export.runtime import EngineUNet
 
-    qmodel = api.quantize("digits", bits="w4a8", method="ptq-timestep", calibration="out/calib")
+    qmodel = api.quantize("digits", bits="w4a8", method="ptq-timestep", target="onnxruntime",
+                          calibration="out/calib")
     exported = api.export(qmodel)                          # parity vs the simulation attached
     engine = api.build(exported, backend="onnxruntime")    # verified on this host
     engine.save("out/engine")
@@ -132,7 +133,7 @@ def export(qmodel: QuantizedModel, target: str | None = None, *, timestep_scales
     scratch = tempfile.TemporaryDirectory(prefix="quest-api-export-")
     out = Path(scratch.name) / "onnx"
     calib_dir = checkpoint if (checkpoint / "calibration.json").is_file() else None
-    result = export_checkpoint(checkpoint, target or qmodel.meta["target"], out, timestep_scales=timestep_scales,
+    result = export_checkpoint(checkpoint, target or qmodel.qunet.profile.name, out, timestep_scales=timestep_scales,
                                verify=verify, calibration=calib_dir, log=lambda _: None)
     return ExportedGraph(out, result.manifest, result.parity, qmodel, scratch)
 
