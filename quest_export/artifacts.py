@@ -26,6 +26,7 @@ from quest.documents import (  # noqa: F401 - shared with quest/
     verify_document,
 )
 from quest_export.errors import UserError
+from quest_export.interrupts import stop_if_requested
 
 
 def check_writable_file(path: Path, force: bool = True) -> Path:
@@ -101,6 +102,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        stop_if_requested()  # a signal whose raise was swallowed still stops the commit
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -124,6 +126,7 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the artifact gets the usual mode
     try:
         yield tmp
+        stop_if_requested()
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from quest.version import __version__
+from quest_export import interrupts
 from quest_export.errors import Interrupted, QuestError, UserError
 
 # per-process CLI state: --debug, the signal that interrupted the run, the outputs this command
@@ -79,10 +80,20 @@ def quiet_libraries() -> None:
 def on_signal(signum: int, _frame: object) -> None:
     """SIGINT and SIGTERM both raise KeyboardInterrupt (as Interrupted), so every cleanup runs."""
     state["signal"] = signal.Signals(signum).name
+    interrupts.record(state["signal"])  # seen by every artifact commit even if this raise is swallowed
     raise Interrupted
 
 
+def _unraisable(hook_args) -> None:
+    """An Interrupted swallowed by a finaliser is not noise on stderr: it was recorded (interrupts)
+    and stops the command at its next artifact commit. Anything else goes to Python's own hook."""
+    if isinstance(hook_args.exc_value, Interrupted):
+        return
+    sys.__unraisablehook__(hook_args)
+
+
 def install_signal_handlers() -> None:
+    sys.unraisablehook = _unraisable
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             signal.signal(sig, on_signal)
@@ -178,6 +189,10 @@ def run_app(app) -> None:
     try:
         app()
     except SystemExit as exc:
+        if exc.code in (0, None) and interrupts.pending():  # the handler's raise was swallowed (a finaliser)
+            state["signal"] = state["signal"] or interrupts.pending()
+            print(interrupted_line(), file=sys.stderr)
+            sys.exit(130)
         if exc.code == 130:  # Typer turns KeyboardInterrupt into exit 130 after the cleanup ran
             print(interrupted_line(), file=sys.stderr)
         raise

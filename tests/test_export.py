@@ -215,6 +215,22 @@ def test_bench_times_the_engine_against_its_fp32_engine_and_bounds_the_speedup(r
     assert ceiling["ceiling_free_integer"] > ceiling["ceiling_measured_integer"] > 0
 
 
+def test_bench_unet_is_exported_parity_checked_and_runs_every_linear_op_in_integer(run_cli, tmp_path: Path) -> None:
+    """``bench --model bench-unet`` goes through the export's own graph pipeline (export_graphs):
+    parity against the simulation, then both engines timed in one run."""
+    out = tmp_path / "bench-unet.json"
+    result = run_cli("bench", "--model", "bench-unet", "--bits", "w8a8", "--iterations", "1", "--warmup", "0", "--threads", "1",
+                     "--json", out)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(out.read_text())
+    assert doc["model"] == "bench-unet" and doc["method"] == "ptq"
+    assert doc["parity_min_code_agreement"] >= 0.999
+    kernels = doc["integer_kernels"]
+    assert kernels["integer_kernels"] == kernels["quantized_linear_ops"] > 0
+    assert doc["speedup"] == pytest.approx(doc["fp32_latency_ms"] / doc["latency_ms"])
+    assert 0 < doc["size_ratio"] < 0.5
+
+
 def test_tensorrt_backend_absent_is_one_clear_line(run_cli, exported: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("torch")
     try:

@@ -180,8 +180,9 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
     from quest.profiles import get_profile
     from quest.quantize import quantize_unet
     from quest.recipe import load_recipe
-    from quest_export.errors import UserError
-    from quest_export.export import parity, passes, qdq, trace
+    from quest_export.export import parity, trace
+    from quest_export.export.exporter import export_graphs, linear_kernel_count
+    from quest_export.export.kernels import integer_kernel_report
     from quest_export.models.bench_unet import BATCH, TOKENS, build_bench_unet, random_unet_inputs
     from quest_export.quantization import recipe_for_method
 
@@ -198,29 +199,26 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
     log(f"bench-unet {bits}: PTQ calibration ...")
     calibrate(qunet, forward_loop)
     log("exporting and verifying against the simulation ...")
-    marked, quantizers = trace.trace_marked_graph(qunet, trace.example_inputs(qunet.unet, batch=BATCH, tokens=TOKENS))
-    graph, records = qdq.insert_qdq(marked, quantizers, qunet.profile, qunet.context.lookup.numpy())
-    graph = passes.fold_constants(graph)
-    check = parity.check_parity(graph, records, qunet, parity.ParityInputs(*random_unet_inputs(2, seed=2)), check_optimized=False)
-    if not check.passed:
-        raise UserError(f"bench-unet export failed its parity check (min code agreement {check.min_code_agreement:.5f})")
+    example = trace.example_inputs(qunet.unet, batch=BATCH, tokens=TOKENS)
+    exported = export_graphs(qunet, example, parity.ParityInputs(*random_unet_inputs(2, seed=2)), check_optimized=False,
+                             log=lambda _: None)
+    check = exported.reports["model"]
+    if not check["passed"]:
+        raise UserError(f"bench-unet export failed its parity check (min code agreement {check['min_code_agreement']:.5f})")
     sample, timestep, states = random_unet_inputs(BATCH, seed=3)
     feeds = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": states.numpy()}
     with tempfile.TemporaryDirectory(prefix="quest-bench-unet-") as tmp:
         path = Path(tmp) / "model.onnx"
-        onnx.save_model(graph, str(path))
+        onnx.save_model(exported.graphs["model"], str(path))
         engine_dir = Path(tmp) / "engine"
         engine_dir.mkdir()
         onnxruntime_backend.build_model(path, engine_dir, {"intra_op_threads": threads})
-        from quest_export.export.kernels import integer_kernel_report
-
-        linear = len({c for r in records if r.kind == "activation" for c in r.consumers})
-        kernels = integer_kernel_report(path, linear)
+        kernels = integer_kernel_report(path, linear_kernel_count(exported.records))
         log(f"timing {iterations} calls each after {warmup} warm-up calls ...")
-        result = bench_sessions(engine_dir / onnxruntime_backend.MODEL_FILE, passes.strip_markers(marked), feeds,
+        result = bench_sessions(engine_dir / onnxruntime_backend.MODEL_FILE, exported.float_graph, feeds,
                                 threads, warmup, iterations, profile)
     result.update({"model": "bench-unet", "bits": bits, "backend": "onnxruntime", "method": "ptq",
-                   "parity_min_code_agreement": check.min_code_agreement, "integer_kernels": kernels,
+                   "parity_min_code_agreement": check["min_code_agreement"], "integer_kernels": kernels,
                    "total_seconds": round(time.perf_counter() - started, 1)})
     return result
 

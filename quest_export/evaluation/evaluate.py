@@ -19,7 +19,7 @@ PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; cap them so the mean
 
 
 def _sample(model: LoadedModel, num_samples: int, steps: int, guidance: float, seed: int, batch_size: int, prompts: list[str], progress: bool) -> torch.Tensor:
-    if model.is_digits:
+    if model.traits.class_conditional:
         return sample_digits(model, balanced_labels(num_samples), steps, guidance, seed, batch_size=batch_size, progress=progress)
     cycled = [prompts[i % len(prompts)] for i in range(num_samples)]
     return sample_prompts(model, cycled, steps, guidance, seed, progress=progress)
@@ -50,7 +50,7 @@ def evaluate(
         "label_accuracy": None,
     }
     prompts = prompts or ["a photograph of an astronaut riding a horse"]
-    needs_samples = model.is_digits or fp_twin is not None
+    needs_samples = model.traits.metric_classifier or fp_twin is not None
     if not needs_samples:
         result["notes"] = UNAVAILABLE_SD
         return result
@@ -61,7 +61,7 @@ def evaluate(
         reference = _sample(fp_twin, num_samples, steps, guidance, seed, batch_size, prompts, progress)
         values = psnr(images, reference).clamp(max=PSNR_CAP_DB)
         result["psnr_vs_fp"] = float(values.mean())
-    if not model.is_digits:
+    if not model.traits.metric_classifier:
         result["notes"] = UNAVAILABLE_SD
         return result
     from quest_export.evaluation.digits_metrics import DigitsMetrics

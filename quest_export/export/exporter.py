@@ -7,7 +7,8 @@ parity against the simulation -> files written into a temporary directory rename
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,16 +70,96 @@ def parity_inputs(qunet, model, calibration: Path | None) -> parity.ParityInputs
     return parity.inputs_covering_groups(x, t.float(), cond, qunet.context.lookup)
 
 
-def _single_group(qunet, group: int) -> None:
-    """Collapse every scale table to one group's entry (``--timestep-scales per-engine``)."""
+@contextmanager
+def _scales_of_group(qunet, group: int | None) -> Iterator[None]:
+    """Collapse every scale table to one group's entry (``--timestep-scales per-engine``) for the
+    duration of the block, then put the tables back: one loaded model serves every group."""
+    if group is None:
+        yield
+        return
+    saved = []
     for _, module in qunet.activation_quantizers():
         if hasattr(module, "scale") and module.scale.numel() > 1:
+            saved.append((module, module.scale.data))
             module.scale.data = module.scale.data[group : group + 1].clone()
+    try:
+        yield
+    finally:
+        for module, table in saved:
+            module.scale.data = table
+
+
+@dataclass
+class GraphSet:
+    """The graphs of one export in memory (``model`` or ``groupN`` -> the graph that ships), the
+    quantized tensors they hold and the parity report of each against the simulation."""
+
+    graphs: dict[str, onnx.ModelProto]
+    records: list[qdq.QuantizedTensor]
+    reports: dict[str, Any]
+    float_graph: onnx.ModelProto | None  # the same UNet without Q/DQ: the FP32 baseline engines are built from it
+
+
+def export_graphs(qunet, example: trace.ExampleInputs, inputs: parity.ParityInputs | None, *,
+                  timestep_scales: str = "table", check_optimized: bool | None = None,
+                  log: Callable[[str], None] = print) -> GraphSet:
+    """trace -> Q/DQ + timestep tables -> fold -> [FP16] -> lint -> parity, for a quantized UNet in
+    memory. ``inputs`` None skips parity; ``check_optimized`` defaults to the profile's own rule."""
+    if timestep_scales not in TIMESTEP_SCALES:
+        raise UserError(f"unknown --timestep-scales {timestep_scales!r}; choose one of: {', '.join(TIMESTEP_SCALES)}")
+    profile = qunet.profile
+    lookup = qunet.context.lookup.cpu().numpy()
+    optimized = profile.fused_kernel_checks if check_optimized is None else check_optimized
+    groups = [None] if timestep_scales == "table" else list(range(int(lookup.max()) + 1))
+    result = GraphSet({}, [], {}, None)
+    for group in groups:
+        key = "model" if group is None else f"group{group}"
+        with _scales_of_group(qunet, group):
+            marked, quantizers = trace.trace_marked_graph(qunet, example)
+            if result.float_graph is None:
+                result.float_graph = passes.strip_markers(marked)
+            graph_lookup = lookup if group is None else np.zeros_like(lookup)
+            graph, records = qdq.insert_qdq(marked, quantizers, profile, graph_lookup, OPSET)
+            fp32_graph = graph = passes.fold_constants(graph)
+            if profile.graph_precision == "fp16":
+                graph = passes.to_fp16(graph)
+            problems = lint.lint(graph, profile.graph_rules)
+            if problems:
+                raise UserError(f"the exported graph breaks {profile.graph_rules}'s quantization rules: {problems[0]} "
+                                f"({len(problems)} problem(s)); the checkpoint cannot be expressed on {profile.name}")
+            onnx.checker.check_model(graph, full_check=False) if graph.ByteSize() < EXTERNAL_DATA_LIMIT else None
+            result.graphs[key] = graph
+            result.records = records
+            if inputs is not None:
+                rows = inputs if group is None else _rows_of_group(inputs, lookup, group)
+                log(f"verifying {key} against the simulation on {rows.sample.shape[0]} inputs ...")
+                result.reports[key] = _parity_entry(fp32_graph, graph, records, qunet, rows, optimized)
+    return result
+
+
+def _parity_entry(fp32_graph: onnx.ModelProto, graph: onnx.ModelProto, records, qunet, rows: parity.ParityInputs,
+                  check_optimized: bool) -> dict[str, Any]:
+    """Parity of one graph; an FP16 graph is held to the FP16 bound and its FP32 twin to the strict one."""
+    strict = parity.check_parity(fp32_graph, records, qunet, rows, check_optimized=check_optimized)
+    if graph is fp32_graph:
+        return strict.to_dict()
+    shipped = parity.check_parity(graph, records, qunet, rows, code_threshold=FP16_CODE_AGREEMENT,
+                                  error_bound=FP16_ERROR_BOUND, graph_precision="fp16", check_optimized=False)
+    entry = {**shipped.to_dict(), "fp32_qdq_graph": strict.to_dict()}
+    entry["passed"] = shipped.passed and strict.passed  # the FP32 twin is held to the strict check
+    return entry
+
+
+def linear_kernel_count(records: list[qdq.QuantizedTensor]) -> int:
+    """How many ops consume a quantized activation: the convolutions/matmuls that could run in integer."""
+    return len({c for r in records if r.kind == "activation" for c in r.consumers})
 
 
 def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scales: str = "table", verify: bool = True,
                       calibration: Path | None = None, force: bool = False,
                       log: Callable[[str], None] = print) -> ExportResult:
+    """``quest-export export``: load the checkpoint once, export its graphs, write them with the
+    manifest and parity report into ``out`` atomically (nothing is left when parity fails)."""
     from quest_export.quantization import load_quantized
 
     if timestep_scales not in TIMESTEP_SCALES:
@@ -93,65 +174,31 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scal
     inputs = parity_inputs(qunet, model, calibration) if verify else None
     tokens = int(inputs.encoder_hidden_states.shape[1]) if inputs is not None else None
     example = trace.example_inputs(qunet.unet, tokens=tokens or _default_tokens(model))
-    groups = [None] if timestep_scales == "table" else list(range(int(lookup.max()) + 1))
+    exported = export_graphs(qunet, example, inputs, timestep_scales=timestep_scales, log=log)
 
     with atomic_directory(out, force=force) as tmp:
         graph_files: dict[str, Path] = {}
-        reports: dict[str, Any] = {}
-        all_records: list[qdq.QuantizedTensor] = []
-        float_bytes = 0
-        for group in groups:
-            key = "model" if group is None else f"group{group}"
-            if group is not None:
-                _, qunet, _ = load_quantized(Path(checkpoint))
-                _single_group(qunet, group)
-            marked, quantizers = trace.trace_marked_graph(qunet, example)
-            float_bytes = float_bytes or passes.strip_markers(marked).ByteSize()
-            graph_lookup = lookup if group is None else np.zeros_like(lookup)
-            graph, records = qdq.insert_qdq(marked, quantizers, qunet.profile, graph_lookup, OPSET)
-            graph = passes.fold_constants(graph)
-            fp32_graph = graph
-            precision = profile.graph_precision
-            if precision == "fp16":
-                graph = passes.to_fp16(graph)
-            problems = lint.lint(graph, profile.graph_rules)
-            if problems:
-                raise UserError(f"the exported graph breaks {profile.graph_rules}'s quantization rules: {problems[0]} "
-                                f"({len(problems)} problem(s)); the checkpoint cannot be expressed on {target}")
-            onnx.checker.check_model(graph, full_check=False) if graph.ByteSize() < EXTERNAL_DATA_LIMIT else None
-            path = tmp / (GRAPH_FILE if group is None else f"model.group{group}.onnx")
+        for key, graph in exported.graphs.items():
+            path = tmp / (GRAPH_FILE if key == "model" else f"model.{key}.onnx")
             save_graph(graph, path)
             graph_files[key] = path
-            all_records = records
-            if inputs is not None:
-                rows = inputs if group is None else _rows_of_group(inputs, lookup, group)
-                log(f"verifying {key} against the simulation on {rows.sample.shape[0]} inputs ...")
-                strict = parity.check_parity(fp32_graph, records, qunet, rows, check_optimized=profile.fused_kernel_checks)
-                entry = strict.to_dict()
-                if precision == "fp16":
-                    shipped = parity.check_parity(graph, records, qunet, rows, code_threshold=FP16_CODE_AGREEMENT,
-                                                  error_bound=FP16_ERROR_BOUND, graph_precision="fp16", check_optimized=False)
-                    entry = {**shipped.to_dict(), "fp32_qdq_graph": strict.to_dict()}
-                    entry["passed"] = shipped.passed and strict.passed  # the FP32 twin is held to the strict check
-                reports[key] = entry
-        parity_doc = _parity_document(reports) if reports else None
+        parity_doc = _parity_document(exported.reports) if exported.reports else None
         if parity_doc is not None:
             write_json_atomic(tmp / "parity.json", parity_doc)
         kernel_report = None
         if profile.fused_kernel_checks and "model" in graph_files:
             from quest_export.export.kernels import integer_kernel_report
 
-            linear = len({c for r in all_records if r.kind == "activation" for c in r.consumers})
-            kernel_report = integer_kernel_report(graph_files["model"], linear)
+            kernel_report = integer_kernel_report(graph_files["model"], linear_kernel_count(exported.records))
         seconds = round(time.perf_counter() - started, 2)
         quant_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model."))
         manifest = build_manifest(
             checkpoint_dir=Path(checkpoint), checkpoint_meta=meta, target=target, opset=OPSET, graph_files=graph_files,
-            records=all_records, lookup=lookup, timestep_scales=timestep_scales, graph_precision=precision,
+            records=exported.records, lookup=lookup, timestep_scales=timestep_scales, graph_precision=profile.graph_precision,
             inputs={"sample": ["batch", int(example.sample.shape[1]), "height", "width"], "timestep": ["batch"],
                     "encoder_hidden_states": ["batch", "tokens", int(example.encoder_hidden_states.shape[2])],
                     "trace_size": list(example.sample.shape[2:]), "trace_tokens": int(example.encoder_hidden_states.shape[1])},
-            extra={"export_seconds": seconds, "fp32_onnx_bytes": float_bytes, "quantized_onnx_bytes": quant_bytes,
+            extra={"export_seconds": seconds, "fp32_onnx_bytes": exported.float_graph.ByteSize(), "quantized_onnx_bytes": quant_bytes,
                    "ort_integer_kernels": kernel_report, "parity_passed": None if parity_doc is None else parity_doc["passed"], "verified": parity_doc is not None},
         )
         manifest["unet_config"] = unet_config_dict(qunet.unet)

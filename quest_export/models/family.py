@@ -15,10 +15,11 @@ class ModelFamily:
     trace_tokens: int  # conditioning tokens the exported graph is traced with
     images_per_call: int  # images generate samples per pipeline call
     shipped: bool  # the package carries it: checkpoints reload it by name, not by the path it had
+    metric_classifier: bool  # FID / label accuracy from a classifier shipped with the model (evaluation/digits_metrics.py)
 
 
 DIFFUSERS = ModelFamily("diffusers", default_guidance=7.5, class_conditional=False, trace_tokens=77, images_per_call=4,
-                        shipped=False)
+                        shipped=False, metric_classifier=False)
 
 
 def family(name: str) -> ModelFamily:

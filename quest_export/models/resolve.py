@@ -62,10 +62,6 @@ class LoadedModel:
         return family(self.spec.family)
 
     @property
-    def is_digits(self) -> bool:
-        return self.spec.family == "digits"
-
-    @property
     def reload_name(self) -> str:
         """What ``load_model`` takes to load this model again (a shipped model by its name)."""
         return self.spec.name if self.traits.shipped else self.spec.source
