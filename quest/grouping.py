@@ -103,7 +103,7 @@ def search_grouping(
 ) -> dict[str, Any]:
     """Search the timestep -> group lookup of a PTQ-initialised ``qunet`` (uniform tables) and
     install it in ``qunet.context``; returns a report. The caller re-runs PTQ for the new groups."""
-    settings = settings or GroupingSearch()
+    settings = (settings or GroupingSearch()).with_seed(0)  # no seed given: 0
     num_groups = qunet.context.num_groups
     num_train = qunet.context.num_train_timesteps
     visited = sorted({int(v) for v in calib.t.tolist()})

@@ -14,11 +14,7 @@ from typing import Any
 import yaml
 
 from quest.errors import QuantConfigError
-from quest.recipe_blocks import (
-    FINETUNE_LOSSES,
-    grouping_search_from_recipe,
-    settings_from_recipe,
-)
+from quest.recipe_blocks import FINETUNE_LOSSES, FinetuneBlock, GroupingSearch  # noqa: F401 - FINETUNE_LOSSES: CLI choices
 
 _BITS = re.compile(r"^w(\d+)a(\d+)$")
 ACT_INIT_METHODS = ("minmax", "percentile", "mse")
@@ -78,11 +74,11 @@ class Recipe:
     activation_per_channel: bool = False
     quantize_attention: bool = True
     grouping: str = "uniform"
-    grouping_search: dict[str, Any] = field(default_factory=dict)  # quest.grouping.GroupingSearch overrides
+    grouping_search: GroupingSearch = field(default_factory=GroupingSearch)  # grouping: searched settings
     weight_dilation: bool = False  # fold quest.dilation's exact channel rescale into the FP model first
     layers: list[LayerRule] = field(default_factory=list)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
-    finetune: dict[str, Any] = field(default_factory=dict)
+    finetune: FinetuneBlock = field(default_factory=FinetuneBlock)  # QuEST stages (resolved per model)
 
     @property
     def bits(self) -> str:
@@ -104,6 +100,8 @@ class Recipe:
         try:
             data["layers"] = [LayerRule(**rule) for rule in data.get("layers") or []]
             data["calibration"] = CalibrationSettings(**(data.get("calibration") or {}))
+            data["grouping_search"] = _block(GroupingSearch, data.get("grouping_search"))
+            data["finetune"] = _block(FinetuneBlock, data.get("finetune"))
             recipe = cls(**data)
         except TypeError as exc:
             raise QuantConfigError(f"invalid recipe: {exc}") from None
@@ -130,18 +128,21 @@ class Recipe:
         for value, what, choices in (
             (self.grouping, "grouping", GROUPINGS),
             (self.calibration.step_selection, "calibration.step_selection", STEP_SELECTIONS),
-            ((self.finetune or {}).get("loss", "quest"), "finetune.loss", FINETUNE_LOSSES),
         ):
             if value not in choices:
                 raise QuantConfigError(f"recipe {self.name}: {what} must be one of {', '.join(choices)}, got {value!r}")
-        for check in (lambda: grouping_search_from_recipe(self.grouping_search),
-                      lambda: settings_from_recipe(self.finetune, class_conditional=True)):
-            try:  # the typed blocks, checked now rather than when a long job reaches them
-                check()
-            except QuantConfigError as exc:
-                raise QuantConfigError(f"recipe {self.name}: {str(exc).removeprefix('recipe ')}") from None
+        try:  # the typed blocks (also when a caller replaced them), checked now rather than when a long job reaches them
+            FinetuneBlock.from_dict(asdict(self.finetune))
+            GroupingSearch.from_dict(asdict(self.grouping_search))
+        except QuantConfigError as exc:
+            raise QuantConfigError(f"recipe {self.name}: {str(exc).removeprefix('recipe ')}") from None
         if not isinstance(self.weight_dilation, bool):
             raise QuantConfigError(f"recipe {self.name}: weight_dilation must be true or false, got {self.weight_dilation!r}")
+
+
+def _block(kind, value):
+    """A typed recipe block from its YAML / JSON form (a block already typed passes through)."""
+    return value if isinstance(value, kind) else kind.from_dict(value)
 
 
 def recipes_dir() -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from quest.errors import QuantConfigError
@@ -63,36 +63,82 @@ def blockwise_stages() -> list[StageSpec]:
     return [StageSpec("blockwise", weights=["*"], scales=["*"], steps=300)]
 
 
-def settings_from_recipe(finetune: dict[str, Any], class_conditional: bool) -> FinetuneSettings:
-    """Recipe ``finetune:`` block -> settings. Stage entries override the defaults by name;
-    ``only: [temporal]`` keeps a subset (ablations); ``loss: blockwise`` swaps QuEST's stages
-    for block-wise distillation."""
-    finetune = dict(finetune or {})
-    loss = finetune.get("loss", "quest")
-    if loss not in FINETUNE_LOSSES:
-        raise QuantConfigError(f"recipe finetune.loss must be one of {', '.join(FINETUNE_LOSSES)}, got {loss!r}")
-    defaults = blockwise_stages() if loss == "blockwise" else default_stages(class_conditional)
-    stages = {s.name: s for s in defaults}
-    other = {s.name for s in (default_stages(class_conditional) if loss == "blockwise" else blockwise_stages())}
-    for override in finetune.pop("stages", []) or []:
-        override = dict(override)
-        name = override.get("name")
-        if name in other:
-            continue  # the recipe tunes the other loss's stages
-        base = stages.get(name)
-        try:
-            stages[name] = StageSpec(**{**(asdict(base) if base else {}), **override})
-        except TypeError as exc:
-            raise QuantConfigError(f"recipe finetune stage {name!r}: {exc}") from None
-    only = finetune.pop("only", None) or list(stages)
-    unknown = [n for n in only if n not in stages]
-    if unknown:
-        raise QuantConfigError(f"recipe finetune.only names unknown stages {unknown}; known: {', '.join(stages)}")
-    chosen = [stages[n] for n in only]
-    try:
-        return FinetuneSettings(stages=chosen, **finetune)
-    except TypeError as exc:
-        raise QuantConfigError(f"recipe finetune block: {exc}") from None
+@dataclass
+class StageOverride:
+    """What a recipe says about one stage, by name; ``None`` keeps the default stage's value."""
+
+    name: str
+    weights: list[str] | None = None
+    scales: list[str] | None = None
+    exclude_scales: list[str] | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    weight_lr: float | None = None
+    scale_lr: float | None = None
+    local_loss_weight: float | None = None
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class FinetuneBlock:
+    """The recipe's ``finetune:`` block as written, typed and checked when the recipe loads. It
+    becomes :class:`FinetuneSettings` once the model is known (its default stages depend on
+    whether the model is class-conditional): :meth:`settings`."""
+
+    loss: str = "quest"  # quest: local + final MSE of the stages' layers; blockwise: quest.blockwise
+    seed: int = 0
+    checkpoint_every: int = 50
+    only: list[str] | None = None  # keep these stages only (ablations)
+    stages: list[StageOverride] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, block: dict[str, Any] | None) -> "FinetuneBlock":
+        block = dict(block or {})
+        unknown = sorted(set(block) - {f.name for f in fields(cls)})
+        if unknown:
+            raise QuantConfigError(f"recipe finetune block has unknown keys: {', '.join(unknown)}")
+        stages = []
+        for entry in block.pop("stages", None) or []:
+            entry = dict(entry)
+            try:
+                stages.append(StageOverride(**entry))
+            except TypeError as exc:
+                raise QuantConfigError(f"recipe finetune stage {entry.get('name')!r}: {exc}") from None
+        parsed = cls(stages=stages, **{k: v for k, v in block.items() if v is not None})
+        if parsed.loss not in FINETUNE_LOSSES:
+            raise QuantConfigError(f"recipe finetune.loss must be one of {', '.join(FINETUNE_LOSSES)}, got {parsed.loss!r}")
+        parsed.settings(class_conditional=True)  # stage names and values, checked now
+        return parsed
+
+    def settings(self, class_conditional: bool) -> FinetuneSettings:
+        """Stage entries override the defaults by name (entries for the other loss's stages are
+        ignored); ``only`` keeps a subset; ``loss: blockwise`` swaps QuEST's stages for block-wise
+        distillation."""
+        defaults = blockwise_stages() if self.loss == "blockwise" else default_stages(class_conditional)
+        stages = {s.name: s for s in defaults}
+        other = {s.name for s in (default_stages(class_conditional) if self.loss == "blockwise" else blockwise_stages())}
+        for override in self.stages:
+            if override.name in other:
+                continue
+            base = stages.get(override.name)
+            try:
+                stages[override.name] = StageSpec(**{**(asdict(base) if base else {}), **override.given()})
+            except TypeError as exc:
+                raise QuantConfigError(f"recipe finetune stage {override.name!r}: {exc}") from None
+        only = self.only or list(stages)
+        unknown = [n for n in only if n not in stages]
+        if unknown:
+            raise QuantConfigError(f"recipe finetune.only names unknown stages {unknown}; known: {', '.join(stages)}")
+        return FinetuneSettings(stages=[stages[n] for n in only], seed=self.seed, checkpoint_every=self.checkpoint_every,
+                                loss=self.loss)
+
+
+def settings_from_recipe(finetune: FinetuneBlock | dict[str, Any] | None, class_conditional: bool) -> FinetuneSettings:
+    """Recipe ``finetune:`` block (typed, or as written in YAML) -> settings for this model."""
+    block = finetune if isinstance(finetune, FinetuneBlock) else FinetuneBlock.from_dict(finetune)
+    return block.settings(class_conditional)
 
 
 @dataclass
@@ -106,16 +152,26 @@ class GroupingSearch:
     tau_start: float = 1.0
     tau_end: float = 0.05
     prior: float = 1.0  # initial logit bonus of each timestep's uniform group
-    seed: int = 0
+    seed: int | None = None  # None: the finetune block's seed
+
+    @classmethod
+    def from_dict(cls, block: dict[str, Any] | None) -> "GroupingSearch":
+        """Recipe ``grouping_search:`` block (unknown keys and bad values refused)."""
+        block = dict(block or {})
+        unknown = sorted(set(block) - {f.name for f in fields(cls)})
+        if unknown:
+            raise QuantConfigError(f"recipe grouping_search has unknown keys: {', '.join(unknown)}")
+        try:
+            return cls(**block)
+        except TypeError as exc:
+            raise QuantConfigError(f"recipe grouping_search: {exc}") from None
+
+    def with_seed(self, seed: int) -> "GroupingSearch":
+        """The settings the search runs with: its own seed if the recipe gave one, else ``seed``."""
+        return replace(self, seed=seed if self.seed is None else self.seed)
 
 
-def grouping_search_from_recipe(block: dict[str, Any] | None, seed: int = 0) -> GroupingSearch:
-    """Recipe ``grouping_search:`` block -> settings (unknown keys and bad values refused)."""
-    block = dict(block or {})
-    unknown = sorted(set(block) - {f.name for f in fields(GroupingSearch)})
-    if unknown:
-        raise QuantConfigError(f"recipe grouping_search has unknown keys: {', '.join(unknown)}")
-    try:
-        return GroupingSearch(**{"seed": seed, **block})
-    except TypeError as exc:
-        raise QuantConfigError(f"recipe grouping_search: {exc}") from None
+def grouping_search_from_recipe(block: GroupingSearch | dict[str, Any] | None, seed: int = 0) -> GroupingSearch:
+    """Recipe ``grouping_search:`` block (typed, or as written) -> the settings the search runs with."""
+    search = block if isinstance(block, GroupingSearch) else GroupingSearch.from_dict(block)
+    return search.with_seed(seed)

@@ -11,6 +11,10 @@
     engine.save("out/engine")
     pipe.unet = EngineUNet.from_pretrained("out/engine")
 
+A UNet of your own, in memory (no model registry, no checkpoint): ``quantize_unet(unet, recipe,
+target, forward_loop)`` then ``export_unet(qunet, parity_inputs)``; ``bench --model bench-unet`` is
+built on these two.
+
 Every stage runs the same code as the CLI command of the same name (the CLI is parse -> one of
 these -> print). Provenance is kept as on disk: an export records the checkpoint it was made from
 (by hash), so ``export`` saves an unsaved model into a scratch checkpoint owned by the objects, and
@@ -94,6 +98,35 @@ def quantize(model: str, bits: str = "w8a8", *, method: str = "quest", target: s
     meta = checkpoint_meta(loaded, method, calib, {"timings": {"calibration_seconds": round(calib_seconds, 2), **report},
                                                    "world_size": 1, "options": options})
     return QuantizedModel(loaded, qunet, meta, calib)
+
+
+def quantize_unet(unet: Any, recipe: Any, target: str | None = None, forward_loop: Any = None) -> Any:
+    """ModelOpt's ``mtq.quantize(model, config, forward_loop)`` for a UNet in memory (any diffusers
+    ``UNet2DConditionModel``): ``recipe`` (a :class:`quest.recipe.Recipe`) on ``target``'s arithmetic
+    (default: the recipe's), quantizers initialised by PTQ over the calls ``forward_loop(unet)``
+    makes. Returns the :class:`quest.quantize.QuantizedUNet`; the UNet is quantized in place."""
+    from quest.profiles import get_profile
+    from quest.ptq import calibrate
+    from quest.quantize import quantize_unet as apply_recipe
+
+    qunet = apply_recipe(unet, recipe, get_profile(target or recipe.target))
+    if forward_loop is not None:
+        calibrate(qunet, forward_loop)
+    return qunet
+
+
+def export_unet(qunet: Any, parity_inputs: tuple[Any, Any, Any] | None, *, batch: int = 2, tokens: int | None = None,
+                check_optimized: bool | None = None) -> Any:
+    """The Q/DQ graph of an in-memory quantized UNet (``export.exporter.GraphSet``: ``graphs["model"]``,
+    ``reports["model"]`` the parity check on ``parity_inputs`` = (sample, timestep, states),
+    ``float_graph`` for an FP32 baseline). Nothing is written; there is no checkpoint to record."""
+    from quest_export.export import parity, trace
+    from quest_export.export.exporter import export_graphs
+
+    tokens = tokens or (int(parity_inputs[2].shape[1]) if parity_inputs is not None else None)
+    example = trace.example_inputs(qunet.unet, batch=batch, tokens=tokens)
+    inputs = parity.ParityInputs(*parity_inputs) if parity_inputs is not None else None
+    return export_graphs(qunet, example, inputs, check_optimized=check_optimized, log=lambda _: None)
 
 
 @dataclass

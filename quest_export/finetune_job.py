@@ -29,7 +29,7 @@ def apply_option_flags(recipe, method: str, grouping: str | None, weight_dilatio
     if weight_dilation is not None:
         recipe = replace(recipe, weight_dilation=weight_dilation)
     if loss is not None:
-        recipe = replace(recipe, finetune={**recipe.finetune, "loss": loss})
+        recipe = replace(recipe, finetune=replace(recipe.finetune, loss=loss))
     if calibration_steps is not None:
         recipe = replace(recipe, calibration=replace(recipe.calibration, step_selection=calibration_steps))
     recipe.validate()
@@ -105,7 +105,7 @@ def plan(request: FinetuneRequest):
         if method != "quest":
             raise UserError("--stages applies only to --method quest")
         only = [s.strip() for s in request.stages.split(",") if s.strip()]
-        recipe = replace(recipe, finetune={**recipe.finetune, "only": only})
+        recipe = replace(recipe, finetune=replace(recipe.finetune, only=only))
     if request.resume and method != "quest":
         raise UserError("--resume applies only to --method quest")
     recipe = apply_option_flags(recipe, method, request.grouping, request.weight_dilation, request.loss, request.calibration_steps)

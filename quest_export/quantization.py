@@ -142,7 +142,7 @@ def quantize_with_method(
     else:
         fp_unet = fp_copy(unet) if recipe.grouping == "searched" else None
         qunet = quantize_unet(unet, recipe)
-        options |= init_grouping(qunet, fp_unet, calib, loop, int((recipe.finetune or {}).get("seed", 0)))
+        options |= init_grouping(qunet, fp_unet, calib, loop, recipe.finetune.seed)
         calibrate(qunet, loop)
     return qunet, {"ptq_seconds": round(time.perf_counter() - started, 2), "options": options}
 

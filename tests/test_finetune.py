@@ -64,6 +64,24 @@ def test_default_stages_follow_quest() -> None:
         settings_from_recipe({"only": ["nope"]}, True)
 
 
+def test_recipe_blocks_are_typed_when_the_recipe_loads_and_survive_a_checkpoint_round_trip() -> None:
+    from quest.recipe_blocks import FinetuneBlock, GroupingSearch, StageOverride
+
+    recipe = Recipe.from_dict({"bits": "w4a8", "finetune": {"seed": 3, "stages": [{"name": "critical", "steps": 7}]},
+                               "grouping_search": {"steps": 5}})
+    assert isinstance(recipe.finetune, FinetuneBlock) and isinstance(recipe.grouping_search, GroupingSearch)
+    assert recipe.finetune.stages == [StageOverride("critical", steps=7)] and recipe.grouping_search.steps == 5
+    assert Recipe.from_dict(recipe.to_dict()) == recipe  # the checkpoint's JSON form reads back the same
+    settings = recipe.finetune.settings(class_conditional=True)
+    assert settings.seed == 3 and [s.steps for s in settings.stages] == [200, 7]
+    assert recipe.grouping_search.with_seed(settings.seed).seed == 3  # the search follows the finetune seed
+    for bad, message in (({"finetune": {"stages": [{"name": "critical", "stepz": 1}]}}, "stepz"),
+                         ({"finetune": {"only": ["nope"]}}, "unknown stages"),
+                         ({"finetune": {"sed": 1}}, "unknown keys: sed")):
+        with pytest.raises(QuantConfigError, match=message):
+            Recipe.from_dict({"bits": "w4a8", **bad})
+
+
 def test_stage_plans_train_exactly_the_selected_tensors() -> None:
     qunet, _, _ = quantized_pair()
     temporal, critical = settings_from_recipe({}, class_conditional=True).stages

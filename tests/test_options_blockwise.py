@@ -61,8 +61,8 @@ def test_cli_refuses_option_misuse(run_cli, tmp_path: Path) -> None:
         with pytest.raises(UserError, match=message):
             _apply_option_flags(recipe, *args)
     changed = _apply_option_flags(recipe, "quest", "searched", True, "blockwise", "selected")
-    assert (changed.grouping, changed.weight_dilation, changed.finetune["loss"], changed.calibration.step_selection) == ("searched", True, "blockwise", "selected")
-    assert recipe.grouping == "uniform" and "loss" not in recipe.finetune  # the loaded recipe is untouched
+    assert (changed.grouping, changed.weight_dilation, changed.finetune.loss, changed.calibration.step_selection) == ("searched", True, "blockwise", "selected")
+    assert recipe.grouping == "uniform" and recipe.finetune.loss == "quest"  # the loaded recipe is untouched
     assert_one_line_error(run_cli("finetune", "--method", "ptq", "--loss", "blockwise", "--out", tmp_path / "ckpt"), contains="--loss applies only")
 
 

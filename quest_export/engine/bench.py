@@ -176,19 +176,15 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
     ORT engine, timed against its FP32 engine."""
     import torch
 
-    from quest.ptq import calibrate
-    from quest.profiles import get_profile
-    from quest.quantize import quantize_unet
     from quest.recipe import load_recipe
-    from quest_export.export import parity, trace
-    from quest_export.export.exporter import export_graphs, linear_kernel_count
+    from quest_export import api
+    from quest_export.export.exporter import linear_kernel_count
     from quest_export.export.kernels import integer_kernel_report
     from quest_export.models.bench_unet import BATCH, TOKENS, build_bench_unet, random_unet_inputs
     from quest_export.quantization import recipe_for_method
 
     started = time.perf_counter()
     recipe = recipe_for_method(load_recipe("bench-unet", bits), "ptq")
-    qunet = quantize_unet(build_bench_unet(), recipe, get_profile("onnxruntime"))
     calib = random_unet_inputs(8)
 
     def forward_loop(unet: torch.nn.Module) -> None:
@@ -197,11 +193,9 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
                 unet(calib[0][i : i + 4], calib[1][i : i + 4], encoder_hidden_states=calib[2][i : i + 4])
 
     log(f"bench-unet {bits}: PTQ calibration ...")
-    calibrate(qunet, forward_loop)
+    qunet = api.quantize_unet(build_bench_unet(), recipe, "onnxruntime", forward_loop)
     log("exporting and verifying against the simulation ...")
-    example = trace.example_inputs(qunet.unet, batch=BATCH, tokens=TOKENS)
-    exported = export_graphs(qunet, example, parity.ParityInputs(*random_unet_inputs(2, seed=2)), check_optimized=False,
-                             log=lambda _: None)
+    exported = api.export_unet(qunet, random_unet_inputs(2, seed=2), batch=BATCH, tokens=TOKENS, check_optimized=False)
     check = exported.reports["model"]
     if not check["passed"]:
         raise UserError(f"bench-unet export failed its parity check (min code agreement {check['min_code_agreement']:.5f})")
