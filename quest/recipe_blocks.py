@@ -63,6 +63,15 @@ def blockwise_stages() -> list[StageSpec]:
     return [StageSpec("blockwise", weights=["*"], scales=["*"], steps=300)]
 
 
+def _known_keys(kind: type, block: dict[str, Any] | None, what: str) -> dict[str, Any]:
+    """A copy of a recipe block whose keys are all fields of ``kind`` (else one clear error)."""
+    block = dict(block or {})
+    unknown = sorted(set(block) - {f.name for f in fields(kind)})
+    if unknown:
+        raise QuantConfigError(f"recipe {what} has unknown keys: {', '.join(unknown)}")
+    return block
+
+
 @dataclass
 class StageOverride:
     """What a recipe says about one stage, by name; ``None`` keeps the default stage's value."""
@@ -95,10 +104,7 @@ class FinetuneBlock:
 
     @classmethod
     def from_dict(cls, block: dict[str, Any] | None) -> "FinetuneBlock":
-        block = dict(block or {})
-        unknown = sorted(set(block) - {f.name for f in fields(cls)})
-        if unknown:
-            raise QuantConfigError(f"recipe finetune block has unknown keys: {', '.join(unknown)}")
+        block = _known_keys(cls, block, "finetune block")
         stages = []
         for entry in block.pop("stages", None) or []:
             entry = dict(entry)
@@ -157,10 +163,7 @@ class GroupingSearch:
     @classmethod
     def from_dict(cls, block: dict[str, Any] | None) -> "GroupingSearch":
         """Recipe ``grouping_search:`` block (unknown keys and bad values refused)."""
-        block = dict(block or {})
-        unknown = sorted(set(block) - {f.name for f in fields(cls)})
-        if unknown:
-            raise QuantConfigError(f"recipe grouping_search has unknown keys: {', '.join(unknown)}")
+        block = _known_keys(cls, block, "grouping_search")
         try:
             return cls(**block)
         except TypeError as exc:
