@@ -131,9 +131,8 @@ class Recipe:
         ):
             if value not in choices:
                 raise QuantConfigError(f"recipe {self.name}: {what} must be one of {', '.join(choices)}, got {value!r}")
-        try:  # the typed blocks (also when a caller replaced them), checked now rather than when a long job reaches them
-            FinetuneBlock.from_dict(asdict(self.finetune))
-            GroupingSearch.from_dict(asdict(self.grouping_search))
+        try:  # also when a caller replaced the block (--loss, --stages)
+            self.finetune.validate()
         except QuantConfigError as exc:
             raise QuantConfigError(f"recipe {self.name}: {str(exc).removeprefix('recipe ')}") from None
         if not isinstance(self.weight_dilation, bool):

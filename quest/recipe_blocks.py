@@ -113,10 +113,14 @@ class FinetuneBlock:
             except TypeError as exc:
                 raise QuantConfigError(f"recipe finetune stage {entry.get('name')!r}: {exc}") from None
         parsed = cls(stages=stages, **{k: v for k, v in block.items() if v is not None})
-        if parsed.loss not in FINETUNE_LOSSES:
-            raise QuantConfigError(f"recipe finetune.loss must be one of {', '.join(FINETUNE_LOSSES)}, got {parsed.loss!r}")
-        parsed.settings(class_conditional=True)  # stage names and values, checked now
+        parsed.validate()
         return parsed
+
+    def validate(self) -> None:
+        """The loss, stage names and stage values, checked now rather than when a long job reaches them."""
+        if self.loss not in FINETUNE_LOSSES:
+            raise QuantConfigError(f"recipe finetune.loss must be one of {', '.join(FINETUNE_LOSSES)}, got {self.loss!r}")
+        self.settings(class_conditional=True)
 
     def settings(self, class_conditional: bool) -> FinetuneSettings:
         """Stage entries override the defaults by name (entries for the other loss's stages are
@@ -173,8 +177,3 @@ class GroupingSearch:
         """The settings the search runs with: its own seed if the recipe gave one, else ``seed``."""
         return replace(self, seed=seed if self.seed is None else self.seed)
 
-
-def grouping_search_from_recipe(block: GroupingSearch | dict[str, Any] | None, seed: int = 0) -> GroupingSearch:
-    """Recipe ``grouping_search:`` block (typed, or as written) -> the settings the search runs with."""
-    search = block if isinstance(block, GroupingSearch) else GroupingSearch.from_dict(block)
-    return search.with_seed(seed)

@@ -190,7 +190,6 @@ def run_app(app) -> None:
         app()
     except SystemExit as exc:
         if exc.code in (0, None) and interrupts.pending():  # the handler's raise was swallowed (a finaliser)
-            state["signal"] = state["signal"] or interrupts.pending()
             print(interrupted_line(), file=sys.stderr)
             sys.exit(130)
         if exc.code == 130:  # Typer turns KeyboardInterrupt into exit 130 after the cleanup ran

@@ -22,7 +22,7 @@ import torch
 from quest.calibration import CalibrationSet
 from quest.checkpoint import load_checkpoint, read_checkpoint_meta
 from quest.distributed import DistContext
-from quest.finetune import QuestFinetuner, fp_copy, settings_from_recipe
+from quest.finetune import QuestFinetuner, fp_copy
 from quest.ptq import calibrate
 from quest.quantize import QuantizedUNet, quantize_unet
 from quest.recipe import Recipe
@@ -94,9 +94,8 @@ def init_grouping(qunet: QuantizedUNet, fp_unet: torch.nn.Module | None, calib: 
     if qunet.recipe.grouping != "searched":
         return {}
     from quest.grouping import search_grouping
-    from quest.recipe_blocks import grouping_search_from_recipe
 
-    search = grouping_search_from_recipe(qunet.recipe.grouping_search, seed)
+    search = qunet.recipe.grouping_search.with_seed(seed)
     calibrate(qunet, loop)
     report = search_grouping(qunet, fp_unet, calib, search)
     return {"grouping_search": report, "grouping_search_seconds": report.get("seconds", 0.0)}
@@ -114,7 +113,7 @@ def quantize_with_method(
     options = apply_fp_options(unet, recipe, calib)
     if method == "quest":
         run = run or FinetuneRun()
-        settings = settings_from_recipe(recipe.finetune, class_conditional=model.traits.class_conditional)
+        settings = recipe.finetune.settings(class_conditional=model.traits.class_conditional)
         fp_unet = fp_copy(unet)
         qunet = quantize_unet(unet, recipe)
         options |= init_grouping(qunet, fp_unet, calib, loop, settings.seed)
