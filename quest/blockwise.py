@@ -20,6 +20,7 @@ from torch import nn
 
 from quest.modules import QuantConv2d, QuantLinear
 from quest.quantize import QuantizedUNet
+from quest.teacher import run_teacher, to_float
 
 
 def unet_blocks(unet: nn.Module) -> list[str]:
@@ -75,14 +76,14 @@ def blockwise_loss(
     """(loss, last block's MSE, mean block MSE): each quantized block run on its FP block's inputs."""
     names = unet_blocks(qunet.unet)
     with torch.no_grad(), record_blocks(fp_unet, names) as calls:
-        fp_unet(x, t, encoder_hidden_states=states)
+        run_teacher(fp_unet, x, t, states)
     qunet.context.set(t, x.shape[0])  # the UNet's pre-hook does this on a full forward
     losses = []
     try:
         for name in names:
             if name not in calls:
                 continue  # a block this model does not run
-            args, kwargs, fp_out = calls[name]
+            args, kwargs, fp_out = to_float(calls[name])  # a low-precision teacher's tensors, as float32
             q_out = qunet.unet.get_submodule(name)(*args, **kwargs)
             pairs = list(zip(_tensors(q_out), _tensors(fp_out)))
             losses.append(torch.stack([F.mse_loss(q, f) for q, f in pairs]).mean())

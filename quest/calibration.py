@@ -18,6 +18,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT = "quest-calibration/1"
+# attention scores grow with tokens^2: above this many latent tokens per sample, forward passes
+# take fewer samples at a time (a 64x64 SD latent has 4096 tokens: one row, two samples with CFG)
+FULL_BATCH_TOKENS = 1024
+
+
+def samples_per_call(batch: int, tokens: int) -> int:
+    """``batch``, lowered for large latents so that one forward's attention scores stay bounded
+    (they are samples x heads x tokens^2: at 4096 tokens one guided row holds 1 GiB per layer).
+    The one rule for every pass over many inputs: PTQ, parity, engine verification."""
+    if tokens <= FULL_BATCH_TOKENS:
+        return batch
+    return max(1, min(batch, int(batch * (FULL_BATCH_TOKENS / tokens) ** 3)))
 
 
 @dataclass
@@ -44,7 +56,19 @@ class CalibrationSet:
             return x, t, cond
         return torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond[index], cond])
 
+    def to(self, device: torch.device | str) -> "CalibrationSet":
+        """The same rows on ``device`` (the model's device: batches are then sliced there)."""
+        if self.x.device == torch.device(device):
+            return self
+        move = lambda tensor: None if tensor is None else tensor.to(device)  # noqa: E731
+        return CalibrationSet(move(self.x), move(self.t), move(self.cond), move(self.uncond), self.meta)
+
+    def rows_per_call(self, batch_size: int) -> int:
+        """Rows per forward pass over the set: :func:`samples_per_call` for its latent size."""
+        return samples_per_call(batch_size, int(self.x[0, 0].numel()) if self.x.dim() >= 3 else 1)
+
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        batch_size = self.rows_per_call(batch_size)
         order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
         for start in range(0, len(self), batch_size):
             yield self.unet_inputs(order[start : start + batch_size])
@@ -70,9 +94,9 @@ class CalibrationSet:
 
     def save(self, path: Path) -> None:
         """Write ``path`` (safetensors) and ``path.with_suffix('.json')``; callers rename atomically."""
-        tensors = {"x": self.x.contiguous(), "t": self.t.contiguous(), "cond": self.cond.contiguous()}
+        tensors = {"x": self.x.cpu().contiguous(), "t": self.t.cpu().contiguous(), "cond": self.cond.cpu().contiguous()}
         if self.uncond is not None:
-            tensors["uncond"] = self.uncond.contiguous()
+            tensors["uncond"] = self.uncond.cpu().contiguous()
         save_file(tensors, str(path), metadata={"format": FORMAT})
 
     @classmethod

@@ -35,6 +35,7 @@ def _rows_at(calib: CalibrationSet, t: int, limit: int | None = None) -> torch.T
 def _model_output(unet: nn.Module, calib: CalibrationSet, rows: torch.Tensor, guidance: float, batch_size: int = 64) -> torch.Tensor:
     """The guided model output for ``rows`` (what the deployment sampler combines)."""
     outs = []
+    batch_size = calib.rows_per_call(batch_size)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         x, t, states = calib.unet_inputs(chunk)
@@ -98,6 +99,7 @@ def select_calibration_steps(
 ) -> CalibrationSet:
     """The structural-risk-selected calibration set built from a uniform one (same rows, labels, size)."""
     unet = unet.eval()
+    calib = calib.to(next(unet.parameters()).device)
     timesteps = sorted({int(v) for v in calib.t.tolist()})
     alpha = alphas_cumprod.double()
 
@@ -110,7 +112,7 @@ def select_calibration_steps(
     generator = torch.Generator().manual_seed(seed + 7)
     most = max(len(rows) for rows, _ in estimates.values())
     shape = (most, *calib.x.shape[1:])
-    noise = {t: torch.randn(shape, generator=generator, dtype=calib.x.dtype) for t in timesteps}
+    noise = {t: torch.randn(shape, generator=generator, dtype=calib.x.dtype).to(calib.x.device) for t in timesteps}
 
     def renoised(tau: int, t: int, limit: int | None = None) -> CalibrationSet:
         rows, x0 = estimates[tau]
@@ -118,7 +120,7 @@ def select_calibration_steps(
         a = float(alpha[t])
         x = (a**0.5) * x0[:count] + ((1 - a) ** 0.5) * noise[t][:count]
         uncond = calib.uncond[rows[:count]] if calib.uncond is not None else None
-        return CalibrationSet(x, torch.full((count,), t, dtype=torch.long), calib.cond[rows[:count]], uncond)
+        return CalibrationSet(x, torch.full((count,), t, dtype=torch.long, device=x.device), calib.cond[rows[:count]], uncond)
 
     true_stats = {}
     for t in timesteps:

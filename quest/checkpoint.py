@@ -32,11 +32,27 @@ def _versions() -> dict[str, str]:
     return {"quest_export": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
+def tensors_for_file(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """``state`` as safetensors writes it: CPU tensors (a file made on a GPU loads anywhere), copied
+    only where two entries share storage (safetensors refuses that), not wholesale: a full-size
+    SD UNet is 3.4 GB, and a blanket copy would add that much to the peak memory of every save."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[prefix + key] = tensor
+    return out
+
+
 def save_checkpoint(directory: Path, qunet: QuantizedUNet, meta: dict[str, Any]) -> dict[str, Any]:
     """Write the checkpoint files into ``directory`` (the caller makes the directory atomic)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in qunet.unet.state_dict().items()}
+    state = tensors_for_file(qunet.unet.state_dict())
     save_file(state, str(directory / TENSORS), metadata={"format": FORMAT})
     lookup = qunet.context.lookup.tolist()
     starts = [t for t in range(len(lookup)) if t == 0 or lookup[t] != lookup[t - 1]]

@@ -18,6 +18,7 @@ import torch.distributed as dist
 class DistContext:
     rank: int = 0
     world_size: int = 1
+    reduce_device: str = "cpu"  # NCCL reduces CUDA tensors only
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +47,7 @@ class DistContext:
     def average(self, value: float) -> float:
         if not self.active:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.reduce_device)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return float(tensor.item() / self.world_size)
 
@@ -60,6 +61,15 @@ def init_from_env() -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
+    nccl = torch.cuda.is_available()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+        dist.init_process_group(backend="nccl" if nccl else "gloo")
+    reduce_device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if nccl else "cpu"
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), reduce_device=reduce_device)
+
+
+def rank_device(context: DistContext, device: str) -> str:
+    """Under torchrun each rank takes its own GPU (cuda:LOCAL_RANK) when the run is on CUDA."""
+    if context.active and device.startswith("cuda"):
+        return context.reduce_device
+    return device

@@ -13,7 +13,6 @@ Runs survive: batches are a pure function of (seed, stage, step), the full train
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import json
 import math
@@ -32,11 +31,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quest.calibration import CalibrationSet
+from quest.checkpoint import tensors_for_file
 from quest.distributed import DistContext
 from quest.errors import QuantConfigError
 from quest.modules import QuantConv2d, QuantLinear
 from quest.quantize import QuantizedUNet
 from quest.quantizers import ActivationQuantizer, TiedOutputQuantizer
+from quest.teacher import fp_copy, run_teacher  # noqa: F401 - fp_copy re-exported for callers
 from quest.recipe_blocks import (  # noqa: F401 - the finetuner's settings, re-exported
     ATTENTION_LAYERS,
     CLASS_CONDITIONAL_ATTENTION,
@@ -143,6 +144,21 @@ def _stop_on_signals() -> Iterator[dict[str, bool]]:
             signal.signal(sig, old)
 
 
+@contextmanager
+def _gradient_checkpointing(unet: nn.Module, enabled: bool) -> Iterator[None]:
+    """diffusers' block-level activation recomputation on the student for the duration of a run."""
+    if not enabled:
+        yield
+        return
+    if not getattr(unet, "_supports_gradient_checkpointing", False):
+        raise QuantConfigError(f"recipe finetune.gradient_checkpointing: {type(unet).__name__} does not support it; set it to false")
+    unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        unet.disable_gradient_checkpointing()
+
+
 class QuestFinetuner:
     """Runs the stages on a quantized UNet against its FP twin over a calibration set."""
 
@@ -171,10 +187,10 @@ class QuestFinetuner:
     def _save_state(self, stage_index: int, next_step: int, optimizer: torch.optim.Optimizer) -> None:
         if self.state_path is None or not self.dist.is_main:
             return
-        tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in self.qunet.unet.state_dict().items()}
-        for index, state in optimizer.state_dict()["state"].items():
-            for key, value in state.items():
-                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+        tensors = tensors_for_file(self.qunet.unet.state_dict(), prefix="model.")
+        moments = {f"optim.{index}.{key}": torch.as_tensor(value) for index, state in optimizer.state_dict()["state"].items()
+                   for key, value in state.items()}
+        tensors.update(tensors_for_file(moments))
         header = {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "stage": stage_index, "next_step": next_step, "log": self.log}
         tmp = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp), metadata={"state": json.dumps(header)})
@@ -228,11 +244,11 @@ class QuestFinetuner:
             return blockwise_loss(self.qunet, self.fp_unet, x, t, states)
         fp_layers = {n: self.fp_unet.get_submodule(n) for n in plan.layers}
         with torch.no_grad(), _capture_outputs(fp_layers) as fp_out:
-            target = self.fp_unet(x, t, encoder_hidden_states=states).sample
+            target = run_teacher(self.fp_unet, x, t, states)
         with _capture_outputs(plan.layers) as q_out:
             pred = self.qunet.unet(x, t, encoder_hidden_states=states).sample
         final = F.mse_loss(pred, target)
-        local = torch.stack([F.mse_loss(q_out[n], fp_out[n]) for n in plan.layers]).mean() if plan.layers else pred.new_zeros(())
+        local = torch.stack([F.mse_loss(q_out[n], fp_out[n].float()) for n in plan.layers]).mean() if plan.layers else pred.new_zeros(())
         return final + plan.stage.local_loss_weight * local, final.detach().item(), local.detach().item()
 
     def run(self, resume: bool = False, progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> list[dict[str, Any]]:
@@ -246,7 +262,7 @@ class QuestFinetuner:
             self.state_path.unlink()
         self.qunet.unet.eval()
         rows = len(self.calib)
-        with _stop_on_signals() as flag:
+        with _stop_on_signals() as flag, _gradient_checkpointing(self.qunet.unet, self.settings.gradient_checkpointing):
             for stage_index, stage in enumerate(self.settings.stages):
                 if stage_index < start_stage:
                     continue
@@ -294,7 +310,3 @@ class QuestFinetuner:
         if self.state_path is not None and self.dist.is_main:
             self.state_path.unlink(missing_ok=True)
 
-
-def fp_copy(unet: nn.Module) -> nn.Module:
-    """An FP twin of a not-yet-quantized UNet (targets for the distillation losses)."""
-    return copy.deepcopy(unet).eval()

@@ -30,6 +30,7 @@ from quest.errors import QuantConfigError
 from quest.quantize import QuantizedUNet
 from quest.quantizers import ActivationQuantizer
 from quest.recipe_blocks import GroupingSearch  # noqa: F401 - the search's settings, re-exported
+from quest.teacher import run_teacher
 from quest.timesteps import uniform_group_lookup
 
 
@@ -137,7 +138,7 @@ def search_grouping(
                 rows = torch.randperm(len(calib), generator=generator)[: settings.batch_size]
                 x, t, states = calib.unet_inputs(rows)
                 with torch.no_grad():
-                    target = fp_unet(x, t, encoder_hidden_states=states).sample
+                    target = run_teacher(fp_unet, x, t, states)
                 weights["w"] = F.softmax(theta[index_of[t.long()]] / tau, dim=-1)
                 loss = F.mse_loss(qunet.unet(x, t, encoder_hidden_states=states).sample, target)
                 optimizer.zero_grad(set_to_none=True)

@@ -38,6 +38,7 @@ class FinetuneSettings:
     seed: int = 0
     checkpoint_every: int = 50
     loss: str = "quest"  # quest: local + final MSE of the stages' layers; blockwise: quest.blockwise
+    gradient_checkpointing: bool = False  # recompute UNet blocks in backward (the 64x64 attention scores are GBs)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -99,6 +100,9 @@ class FinetuneBlock:
     loss: str = "quest"  # quest: local + final MSE of the stages' layers; blockwise: quest.blockwise
     seed: int = 0
     checkpoint_every: int = 50
+    # recompute each UNet block's activations in backward instead of keeping them: a full-size SD
+    # UNet's fake-quantized 64x64 attention keeps GBs per block for backward (quest loss only)
+    gradient_checkpointing: bool = False
     only: list[str] | None = None  # keep these stages only (ablations)
     stages: list[StageOverride] = field(default_factory=list)
 
@@ -120,6 +124,9 @@ class FinetuneBlock:
         """The loss, stage names and stage values, checked now rather than when a long job reaches them."""
         if self.loss not in FINETUNE_LOSSES:
             raise QuantConfigError(f"recipe finetune.loss must be one of {', '.join(FINETUNE_LOSSES)}, got {self.loss!r}")
+        if self.gradient_checkpointing and self.loss == "blockwise":
+            raise QuantConfigError("recipe finetune.gradient_checkpointing works with loss: quest only (block-wise "
+                                   "distillation already runs one block at a time); remove one of them")
         self.settings(class_conditional=True)
 
     def settings(self, class_conditional: bool) -> FinetuneSettings:
@@ -142,7 +149,7 @@ class FinetuneBlock:
         if unknown:
             raise QuantConfigError(f"recipe finetune.only names unknown stages {unknown}; known: {', '.join(stages)}")
         return FinetuneSettings(stages=[stages[n] for n in only], seed=self.seed, checkpoint_every=self.checkpoint_every,
-                                loss=self.loss)
+                                loss=self.loss, gradient_checkpointing=bool(self.gradient_checkpointing))
 
 
 def settings_from_recipe(finetune: FinetuneBlock | dict[str, Any] | None, class_conditional: bool) -> FinetuneSettings:

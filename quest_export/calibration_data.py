@@ -128,12 +128,14 @@ def settings_with(trajectories: int | None = None, steps: int | None = None, gui
                                step_selection=step_selection or defaults.step_selection)
 
 
-def record_to_directory(model: str, settings: CalibrationSettings, out: Path, force: bool = False) -> CalibrationSet:
-    """Load ``model``, record its calibration set and write it to ``out`` atomically."""
+def record_to_directory(model: str, settings: CalibrationSettings, out: Path, force: bool = False,
+                        device: str = "cpu") -> CalibrationSet:
+    """Load ``model`` on ``device``, record its calibration set and write it to ``out`` atomically
+    (the files hold CPU tensors: a set recorded on a GPU loads anywhere)."""
     from quest_export.artifacts import atomic_directory
     from quest_export.models.resolve import load_model
 
-    calib = record_for_model(load_model(model), settings)
+    calib = record_for_model(load_model(model, device), settings)
     with atomic_directory(out, force=force) as tmp:
         save_calibration(tmp, calib)
     return calib

@@ -16,7 +16,9 @@ import typer
 
 from quest_export import __version__, cli_checks, cli_output, cli_process, finetune_job
 from quest_export.cli_output import console
+from quest_export.devices import resolve_device
 from quest_export.errors import Interrupted, UserError
+from quest_export.cli_options import BitsOpt, CalibrationStepsOpt, DeviceOpt, GuidanceOpt, ModelOpt, SeedOpt, StepsOpt, TeacherDtypeOpt
 from quest_export.finetune_job import apply_option_flags as _apply_option_flags  # noqa: F401 - tests call it by this name
 
 app = typer.Typer(
@@ -32,21 +34,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 _state = cli_process.state  # --debug, interrupting signal, outputs, locks, resume state
-
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        help="digits (shipped demo), sd14 / sd15 / sdxl, a local diffusers directory, or a Hugging Face id.",
-    ),
-]
-StepsOpt = Annotated[int, typer.Option("--steps", min=1, max=1000, help="Sampler steps (DDIM for digits, the model's scheduler otherwise).")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Seed for the initial noise; sample i always gets the same noise.")]
-GuidanceOpt = Annotated[
-    Optional[float],
-    typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale [default: 2.0 for digits, 7.5 otherwise]."),
-]
 
 
 def _version(value: bool) -> None:
@@ -80,6 +67,7 @@ def generate(
     guidance: GuidanceOpt = None,
     seed: SeedOpt = 0,
     engine: Annotated[Optional[Path], typer.Option("--engine", help="Built engine directory: sample with it as the pipeline's UNet.")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Sample a model (or a built engine in its pipeline) with fixed seeds and write a PNG grid."""
     from quest_export.artifacts import check_writable_file
@@ -89,20 +77,20 @@ def generate(
         raise UserError(f"--out {out} must end in .png")
     cli_checks.check_finite("--guidance", guidance)
     cli_checks.check_prompts(prompt)
+    device = resolve_device(device)
     from quest_export.models.resolve import load_model, resolve_model_spec
 
-    spec = resolve_model_spec(model)
-    if spec.family == "digits" and prompt:
-        raise UserError("the digits model is label-conditioned; use --label N (0-9) instead of --prompt")
-    if spec.family != "digits" and label is not None:
-        raise UserError(f"--label applies only to the digits model; use --prompt TEXT with {model}")
+    if engine is None:  # an engine's model is known once it is loaded (checked there)
+        spec = resolve_model_spec(model)
+        cli_checks.check_conditioning(spec.family == "digits", model, prompt, label)
     cli_process.lock_output(out)
     cli_process.threads()
     from quest_export.evaluation.grid import save_grid
     from quest_export.runtime.load import check_engine_shapes, load_engine_model
     from quest_export.sampling import default_guidance, sample_grid
 
-    loaded = load_engine_model(engine) if engine is not None else load_model(model)
+    loaded = load_engine_model(engine) if engine is not None else load_model(model, device)
+    cli_checks.check_conditioning(loaded.traits.class_conditional, loaded.spec.name, prompt, label)
     g = default_guidance(guidance, loaded)
     if engine is not None:
         check_engine_shapes(loaded, min(num_images, loaded.traits.images_per_call), g, "--num-images")
@@ -128,6 +116,7 @@ def evaluate_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics JSON here.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per pipeline call.")] = 250,
     engine: Annotated[Optional[Path], typer.Option("--engine", help="Built engine directory: evaluate it and add psnr_vs_simulation against its checkpoint's PyTorch simulation.")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Measure sample quality: FID on the digit classifier's features, label accuracy, the
     real-data floor `fid_real_floor` (held-out real digits vs the reference set) and, for a
@@ -135,6 +124,7 @@ def evaluate_cmd(
     from quest_export.artifacts import write_json_atomic
 
     cli_checks.check_finite("--guidance", guidance)
+    device = resolve_device(device)
     if sum(x is not None for x in (checkpoint, model, engine)) > 1:
         raise UserError("pass one of --model, --checkpoint or --engine (checkpoints and engines name their own model)")
     if json_out is not None:
@@ -143,24 +133,12 @@ def evaluate_cmd(
 
     cli_process.threads()
     result = evaluate_source(model=model, checkpoint=checkpoint, engine=engine, num_samples=num_samples, steps=steps, seed=seed,
-                             guidance=guidance, batch_size=batch_size)
+                             guidance=guidance, batch_size=batch_size, device=device)
     if json_out is not None:
         write_json_atomic(json_out, result)
     cli_output.print_metrics(result)
     if json_out is not None:
         console.print(f"wrote {json_out}")
-
-
-BitsOpt = Annotated[str, typer.Option("--bits", "-b", help="Weight and activation bits as wXaY (2-8 each), e.g. w4a8.")]
-
-
-CalibrationStepsOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--calibration-steps",
-        help="uniform (the FP trajectory's x_t at every sampler step) or selected (ADP-DM: every row re-noised from the structural-risk-selected timestep's generated samples) [default: uniform / the recipe].",
-    ),
-]
 
 
 @app.command()
@@ -172,6 +150,7 @@ def calibrate(
     guidance: GuidanceOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed of the calibration trajectories [default: from the recipe].")] = None,
     calibration_steps: CalibrationStepsOpt = None,
+    device: DeviceOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Record a calibration set: (x_t, t, cond, uncond) along the FP model's own sampling
@@ -180,9 +159,10 @@ def calibrate(
 
     cli_checks.check_choice("--calibration-steps", calibration_steps, "STEP_SELECTIONS")
     cli_checks.check_finite("--guidance", guidance)
+    device = resolve_device(device)
     cli_process.prepare_out_dir(out, force)
     cli_process.threads()
-    calib = record_to_directory(model, settings_with(trajectories, steps, guidance, seed, calibration_steps), out, force)
+    calib = record_to_directory(model, settings_with(trajectories, steps, guidance, seed, calibration_steps), out, force, device)
     console.print(f"wrote {out} ({len(calib)} rows at {len(calib.timesteps)} timesteps)")
 
 
@@ -208,6 +188,8 @@ def finetune(
     loss: Annotated[Optional[str], typer.Option("--loss", help="quest only: quest (QuEST's selective stages) or blockwise (DilateQuant block-wise distillation of all weights and scales) [default: from the recipe].")] = None,
     calibration_steps: CalibrationStepsOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="quest only: continue from the last finetuning checkpoint of this --out.")] = False,
+    device: DeviceOpt = "auto",
+    teacher_dtype: TeacherDtypeOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Quantize a model and write a quantized checkpoint (quant.safetensors + quant.json).
@@ -219,7 +201,8 @@ def finetune(
     from quest.finetune import StopRequested
 
     request = finetune_job.FinetuneRequest(out, model, bits, method, recipe_path, target, calibration, stages, timestep_groups,
-                                           grouping, weight_dilation, loss, calibration_steps, resume, force)
+                                           grouping, weight_dilation, loss, calibration_steps, resume, force,
+                                           device, teacher_dtype)
     recipe, profile = finetune_job.plan(request)
     dist = init_from_env()
     if dist.is_main:
@@ -245,6 +228,7 @@ def sensitivity(
     target: Annotated[Optional[str], typer.Option("--target", help="tensorrt or onnxruntime [default: from the recipe].")] = None,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Reuse a calibration set from `quest-export calibrate`.")] = None,
     max_rows: Annotated[Optional[int], typer.Option("--max-rows", min=1, help="Use at most this many calibration rows (spread over all timesteps).")] = None,
+    device: DeviceOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Rank layer groups by the damage they do when quantized alone (final-output MSE vs FP over
@@ -253,9 +237,10 @@ def sensitivity(
     from quest_export.sensitivity_job import run_sensitivity
 
     recipe, profile = finetune_job.resolve_recipe(model, bits, recipe_path, target, None)
+    device = resolve_device(device)
     cli_process.prepare_out_dir(out, force)
     cli_process.threads()
-    results = run_sensitivity(model, recipe, profile, calibration, out, max_rows=max_rows, force=force)
+    results = run_sensitivity(model, recipe, profile, calibration, out, max_rows=max_rows, force=force, device=device)
     cli_output.print_sensitivity(results)
     console.print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")
 

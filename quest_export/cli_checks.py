@@ -25,3 +25,11 @@ def check_choice(flag: str, value: str | None, choices_name: str) -> None:
     choices = getattr(recipe_module, choices_name)
     if value is not None and value not in choices:
         raise UserError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def check_conditioning(class_conditional: bool, model: str, prompts: list[str] | None, label: int | None) -> None:
+    """``--label`` for label-conditioned models (digits), ``--prompt`` for text-conditioned ones."""
+    if class_conditional and prompts:
+        raise UserError(f"the {model} model is label-conditioned; use --label N (0-9) instead of --prompt")
+    if not class_conditional and label is not None:
+        raise UserError(f"--label applies only to the digits model; use --prompt TEXT with {model}")

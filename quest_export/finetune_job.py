@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from quest_export import cli_checks
+from quest_export.devices import device_name, resolve_device, resolve_teacher_dtype
 from quest_export.errors import UserError
 
 
@@ -49,22 +50,27 @@ def resolve_recipe(model: str, bits: str, recipe_path: Path | None, target: str 
     return recipe, get_profile(recipe.target)
 
 
-def model_and_calibration(model: str, recipe, profile, calibration: Path | None):
-    """Load the FP model, check the recipe against it, then load or record the calibration set."""
+def model_and_calibration(model: str, recipe, profile, calibration: Path | None, device: str = "cpu"):
+    """Load the FP model on ``device``, check the recipe against it, then load or record the
+    calibration set (its rows moved to ``device`` too)."""
     from quest.quantize import check_recipe
     from quest_export.calibration_data import load_calibration, record_for_model
     from quest_export.models.resolve import load_model
 
-    loaded = load_model(model)
+    loaded = load_model(model, device)
     check_recipe(loaded.pipeline.unet, recipe, profile)
     started = time.perf_counter()
     calib = load_calibration(calibration, loaded) if calibration else record_for_model(loaded, recipe.calibration)
-    return loaded, calib, time.perf_counter() - started
+    return loaded, calib.to(device), time.perf_counter() - started
+
+
+RECIPE_ALIASES = {"sd15-shaped": "sd15"}  # models that run another model's recipes
 
 
 def recipe_key(model: str) -> str:
     """Recipe file prefix for a --model value: the alias itself, or the folder name of a path."""
-    return Path(model.rstrip("/")).name if ("/" in model or os.sep in model) else model
+    key = Path(model.rstrip("/")).name if ("/" in model or os.sep in model) else model
+    return RECIPE_ALIASES.get(key, key)
 
 
 @dataclass
@@ -86,6 +92,8 @@ class FinetuneRequest:
     calibration_steps: str | None = None
     resume: bool = False
     force: bool = False
+    device: str = "auto"
+    teacher_dtype: str | None = None
 
     @property
     def state_path(self) -> Path:
@@ -108,6 +116,10 @@ def plan(request: FinetuneRequest):
         recipe = replace(recipe, finetune=replace(recipe.finetune, only=only))
     if request.resume and method != "quest":
         raise UserError("--resume applies only to --method quest")
+    if request.teacher_dtype is not None and method != "quest":
+        raise UserError("--teacher-dtype applies only to --method quest (the other methods keep no teacher)")
+    resolve_teacher_dtype(request.teacher_dtype)
+    request.device = resolve_device(request.device)
     recipe = apply_option_flags(recipe, method, request.grouping, request.weight_dilation, request.loss, request.calibration_steps)
     check_method_target(method, profile.name)
     return recipe, profile
@@ -118,9 +130,11 @@ def run(request: FinetuneRequest, recipe, profile, dist, progress: Callable | No
     """Quantize with the request's method and write the checkpoint atomically (rank 0); returns
     what was written, or None on other ranks. Raises ``quest.finetune.StopRequested`` when a
     signal stopped the finetuner (its state is saved at ``request.state_path``)."""
+    from quest.distributed import rank_device
     from quest_export.quantization import FinetuneRun, checkpoint_meta, quantize_with_method
 
-    loaded, calib, calib_seconds = model_and_calibration(request.model, recipe, profile, request.calibration)
+    device = rank_device(dist, resolve_device(request.device))
+    loaded, calib, calib_seconds = model_and_calibration(request.model, recipe, profile, request.calibration, device)
     recorded = calib.meta.get("step_selection", "uniform")
     if request.calibration is not None and request.calibration_steps is not None and recorded != request.calibration_steps:
         raise UserError(
@@ -130,14 +144,16 @@ def run(request: FinetuneRequest, recipe, profile, dist, progress: Callable | No
     state_path = request.state_path
     if request.resume and request.method == "quest" and not state_path.is_file():
         note(f"note: no finetuning state at {state_path}; starting from the beginning")
-    finetune_run = FinetuneRun(state_path=state_path, resume=request.resume, dist=dist, progress=progress)
+    finetune_run = FinetuneRun(state_path=state_path, resume=request.resume, dist=dist, progress=progress,
+                               teacher_dtype=resolve_teacher_dtype(request.teacher_dtype))
     qunet, report = quantize_with_method(loaded, recipe, request.method, calib, finetune_run)
     if not dist.is_main:
         return None
     log = report.pop("log", None)
     options = report.pop("options", {})
     meta = checkpoint_meta(loaded, request.method, calib, {"timings": {"calibration_seconds": round(calib_seconds, 2), **report},
-                                                           "world_size": dist.world_size, "options": options})
+                                                           "world_size": dist.world_size, "options": options,
+                                                           "device": device_name(device)})
     write_checkpoint(request.out, qunet, meta, calib if request.calibration is None else None, log,
                      force=request.force or request.resume)
     state_path.unlink(missing_ok=True)

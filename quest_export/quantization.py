@@ -74,6 +74,7 @@ class FinetuneRun:
     resume: bool = False
     dist: DistContext | None = None
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None
+    teacher_dtype: torch.dtype = torch.float32  # the frozen FP teacher's dtype (the student stays float32)
 
 
 def apply_fp_options(unet: torch.nn.Module, recipe: Recipe, calib: CalibrationSet) -> dict[str, Any]:
@@ -114,12 +115,15 @@ def quantize_with_method(
     if method == "quest":
         run = run or FinetuneRun()
         settings = recipe.finetune.settings(class_conditional=model.traits.class_conditional)
-        fp_unet = fp_copy(unet)
+        fp_unet = fp_copy(unet, run.teacher_dtype)
         qunet = quantize_unet(unet, recipe)
         options |= init_grouping(qunet, fp_unet, calib, loop, settings.seed)
         calibrate(qunet, loop)
         ptq_seconds = time.perf_counter() - started
         fingerprint = f"{calibration_fingerprint(calib)}:{hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:16]}"
+        if run.teacher_dtype != torch.float32:  # a resumed run must keep its teacher's dtype
+            fingerprint += f":teacher-{str(run.teacher_dtype).removeprefix('torch.')}"
+            options["teacher_dtype"] = str(run.teacher_dtype).removeprefix("torch.")
         finetuner = QuestFinetuner(qunet, fp_unet, calib, settings, run.state_path, run.dist, fingerprint)
         log = finetuner.run(resume=run.resume, progress=run.progress)
         report = {
@@ -155,6 +159,8 @@ def peak_rss_mb() -> float:
 
 def checkpoint_meta(model: LoadedModel, method: str, calib: CalibrationSet, extra: dict[str, Any]) -> dict[str, Any]:
     extra = {**extra, "peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # what the finetune held on its GPU at most
+        extra["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return {
         "model": {"name": model.spec.name, "source": model.spec.source, "content_hash": model.content_hash},
         "method": method,
@@ -165,11 +171,12 @@ def checkpoint_meta(model: LoadedModel, method: str, calib: CalibrationSet, extr
     }
 
 
-def load_quantized(directory: Path) -> tuple[LoadedModel, QuantizedUNet, dict[str, Any]]:
-    """Load the FP model a checkpoint was made from and quantize it as saved (checks identity)."""
+def load_quantized(directory: Path, device: str = "cpu") -> tuple[LoadedModel, QuantizedUNet, dict[str, Any]]:
+    """Load the FP model a checkpoint was made from on ``device`` and quantize it as saved (checks
+    identity). Checkpoints hold CPU tensors, so one finetuned on a GPU loads on any device."""
     meta = read_checkpoint_meta(directory)
     model_info = meta["model"]
-    model = load_model(source_of(model_info))
+    model = load_model(source_of(model_info), device)
     if model_info.get("content_hash") and model.content_hash != model_info["content_hash"]:
         raise UserError(
             f"checkpoint {directory} was made from a different {model_info['name']!r} model (content hash mismatch); "

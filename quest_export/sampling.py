@@ -50,7 +50,7 @@ def sample_digits(
             output_type="pt",
             progress=progress,
         )
-        chunks.append(out.images)
+        chunks.append(out.images.cpu())
     return torch.cat(chunks)
 
 
@@ -81,7 +81,7 @@ def sample_prompts(
             width=width,
             output_type="pt",
         )
-        chunks.append(out.images.float().clamp(0, 1))
+        chunks.append(out.images.float().clamp(0, 1).cpu())
     return torch.cat(chunks)
 
 

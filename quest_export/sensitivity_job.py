@@ -8,7 +8,7 @@ from typing import Any
 
 
 def run_sensitivity(model: str, recipe, profile, calibration: Path | None, out: Path, *, max_rows: int | None = None,
-                    force: bool = False) -> list[dict[str, Any]]:
+                    force: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
     """The layer groups, worst first (also written to ``out``/sensitivity.json and .png)."""
     from quest.ptq import calibrate as ptq_calibrate
     from quest.quantize import quantize_unet
@@ -18,7 +18,7 @@ def run_sensitivity(model: str, recipe, profile, calibration: Path | None, out: 
     from quest_export.finetune_job import model_and_calibration
     from quest_export.quantization import forward_loop_for
 
-    loaded, calib, _ = model_and_calibration(model, recipe, profile, calibration)
+    loaded, calib, _ = model_and_calibration(model, recipe, profile, calibration, device)
     qunet = quantize_unet(loaded.pipeline.unet, recipe, profile)
     ptq_calibrate(qunet, forward_loop_for(calib))
     results = measure_sensitivity(qunet, calib, max_rows=max_rows)

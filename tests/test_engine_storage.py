@@ -43,7 +43,7 @@ def test_packed_engine_file_is_smaller_and_computes_bit_identically(tmp_path) ->
     assert weights == [TensorProto.INT8, TensorProto.INT4]  # the zero point (a scalar) stays INT8 too
     path = tmp_path / "engine.onnx"
     onnx.save_model(stored, str(path))
-    got = ort_session(onnx.load_from_string(load_engine_model(str(path))), optimize=False).run(None, x)[0]
+    got = ort_session(load_engine_model(str(path)), optimize=False).run(None, x)[0]
     np.testing.assert_array_equal(got, expected)
 
 
@@ -65,7 +65,7 @@ def test_op_profile_sums_kernel_time_per_op_type() -> None:
 
     rng = np.random.default_rng(1)
     model = _int_matmul_model(rng.integers(-8, 8, size=(16, 16)).astype(np.int8), rng.integers(-128, 128, size=(16, 8)).astype(np.int8))
-    profile = op_profile(model.SerializeToString(), {"x": rng.normal(size=(3, 16)).astype(np.float32)}, threads=1, calls=2)
+    profile = op_profile(model, {"x": rng.normal(size=(3, 16)).astype(np.float32)}, threads=1, calls=2)
     assert profile["MatMul"]["nodes"] == 2 and profile["DequantizeLinear"]["nodes"] == 2
     assert all(entry["ms"] >= 0 for entry in profile.values())
     assert list(profile) == sorted(profile, key=lambda op: -profile[op]["ms"])  # most expensive first

@@ -175,3 +175,25 @@ def test_two_gloo_processes_match_one_process_with_the_combined_batch(tmp_path: 
     for key, value in single.items():
         assert torch.allclose(ddp[key], value, rtol=1e-9, atol=1e-9), key
     assert any(not torch.equal(before[k], single[k]) for k in single if k.endswith("time_emb_proj.weight"))
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights() -> None:
+    """Recomputing blocks in backward (the sd15 recipes' memory saver) changes memory, not results."""
+    from dataclasses import replace
+
+    results = []
+    for checkpointing in (False, True):
+        qunet, fp, calib = quantized_pair()
+        log = QuestFinetuner(qunet, fp, calib, replace(fast_settings(steps=3), gradient_checkpointing=checkpointing)).run()
+        results.append(({k: v.clone() for k, v in qunet.unet.state_dict().items()}, [r["loss"] for r in log if "loss" in r]))
+        assert not qunet.unet.is_gradient_checkpointing  # switched off again after the run
+    (plain, plain_loss), (recomputed, recomputed_loss) = results
+    assert recomputed_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert max(float((plain[k] - recomputed[k]).abs().max()) for k in plain if plain[k].is_floating_point()) < 1e-5
+
+
+def test_gradient_checkpointing_with_blockwise_loss_is_refused() -> None:
+    from quest.recipe_blocks import FinetuneBlock
+
+    with pytest.raises(QuantConfigError, match="gradient_checkpointing works with loss: quest only"):
+        FinetuneBlock.from_dict({"loss": "blockwise", "gradient_checkpointing": True})

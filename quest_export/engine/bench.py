@@ -7,6 +7,7 @@ GELU fusions, constant folding), so the ratio is what quantization buys.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import tempfile
 import time
@@ -19,6 +20,7 @@ import onnx
 
 from quest_export.engine import onnxruntime_backend, storage
 from quest_export.errors import UserError
+from quest_export.onnx_io import graph_bytes, inference_session, save_graph
 
 
 def _timed(run: Callable[[], Any]) -> float:
@@ -55,7 +57,7 @@ def measure(quantized: Callable[[], Any], fp32: Callable[[], Any], warmup: int, 
             "latency_ms_spread": [min(q_times), max(q_times)], "fp32_latency_ms_spread": [min(f_times), max(f_times)]}
 
 
-def op_profile(model_bytes: bytes, feeds: dict[str, np.ndarray], threads: int, calls: int = 8) -> dict[str, dict[str, float]]:
+def op_profile(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], threads: int, calls: int = 8) -> dict[str, dict[str, float]]:
     """Where one call's time goes: ONNX Runtime's profiler, kernel time summed per op type (ms per
     call and node count) over ``calls`` calls after an uncounted warm-up call (which also absorbs
     another session's spinning threads, see :func:`measure`). The profiler's own overhead inflates
@@ -63,13 +65,11 @@ def op_profile(model_bytes: bytes, feeds: dict[str, np.ndarray], threads: int, c
     import json
     import os
 
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="quest-profile-") as tmp:
         options = onnxruntime_backend.session_options(threads, True, optimize=False)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        session = inference_session(model, options, ["CPUExecutionProvider"])
         for _ in range(calls + 1):
             session.run(None, feeds)
         trace_file = session.end_profiling()
@@ -128,34 +128,31 @@ def speed_ceiling(profile: dict[str, dict[str, dict[str, float]]]) -> dict[str, 
     }
 
 
-def fp32_engine(float_graph: onnx.ModelProto, directory: Path, ort_settings: dict[str, Any]) -> tuple[Path, int]:
-    """Save the FP32 graph and build its ORT engine (same optimisations as the quantized one)."""
-    source = directory / "fp32.onnx"
-    onnx.save_model(float_graph, str(source))
+def fp32_engine(source: Path, directory: Path, ort_settings: dict[str, Any]) -> tuple[Path, int]:
+    """Build the ORT engine of the saved FP32 graph ``source`` (same optimisations as the quantized one)."""
     out = directory / "fp32-engine"
     out.mkdir()
-    onnxruntime_backend.build_model(source, out, ort_settings)
-    return out / onnxruntime_backend.MODEL_FILE, source.stat().st_size
+    onnxruntime_backend.build_model(source, out, ort_settings, keep_readable=False)
+    return out / onnxruntime_backend.MODEL_FILE, graph_bytes(source)
 
 
-def bench_sessions(engine_model: Path, float_graph: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int,
+def bench_sessions(engine_model: Path, fp32_source: Path, feeds: dict[str, np.ndarray], threads: int,
                    warmup: int, iterations: int, profile: bool = False) -> dict[str, Any]:
-    """Time the quantized engine against the FP32 engine built here from ``float_graph``."""
-    import onnxruntime as ort
-
+    """Time the quantized engine against the FP32 engine built here from the FP32 graph saved at
+    ``fp32_source`` (graphs on disk, not in memory: an SD1.5 FP32 graph is 3.4 GB)."""
     settings = {"intra_op_threads": threads, "memory_arena": True}
     with tempfile.TemporaryDirectory(prefix="quest-bench-") as tmp:
-        fp32_model, fp32_onnx_bytes = fp32_engine(float_graph, Path(tmp), settings)
+        fp32_model, fp32_onnx_bytes = fp32_engine(fp32_source, Path(tmp), settings)
         options = onnxruntime_backend.session_options(threads, True, optimize=False)
-        q_bytes, f_bytes = storage.load_engine_model(str(engine_model)), storage.load_engine_model(str(fp32_model))
-        q_session = ort.InferenceSession(q_bytes, options, providers=["CPUExecutionProvider"])
-        f_session = ort.InferenceSession(f_bytes, options, providers=["CPUExecutionProvider"])
-        fp32_engine_bytes = fp32_model.stat().st_size
+        q_model, f_model = storage.engine_session_source(str(engine_model)), storage.engine_session_source(str(fp32_model))
+        q_session = inference_session(q_model, options, ["CPUExecutionProvider"])
+        f_session = inference_session(f_model, options, ["CPUExecutionProvider"])
+        fp32_engine_bytes = graph_bytes(fp32_model)
         result = measure(lambda: q_session.run(None, feeds), lambda: f_session.run(None, feeds), warmup, iterations)
         if profile:
-            result["profile"] = {"quantized": op_profile(q_bytes, feeds, threads), "fp32": op_profile(f_bytes, feeds, threads)}
+            result["profile"] = {"quantized": op_profile(q_model, feeds, threads), "fp32": op_profile(f_model, feeds, threads)}
             result["ceiling"] = speed_ceiling(result["profile"])
-    engine_bytes = Path(engine_model).stat().st_size
+    engine_bytes = graph_bytes(Path(engine_model))
     result.update({
         "engine_bytes": engine_bytes,
         "fp32_onnx_bytes": fp32_onnx_bytes,
@@ -203,13 +200,14 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
     feeds = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": states.numpy()}
     with tempfile.TemporaryDirectory(prefix="quest-bench-unet-") as tmp:
         path = Path(tmp) / "model.onnx"
-        onnx.save_model(exported.graphs["model"], str(path))
+        save_graph(exported.graphs["model"], path)
         engine_dir = Path(tmp) / "engine"
         engine_dir.mkdir()
         onnxruntime_backend.build_model(path, engine_dir, {"intra_op_threads": threads})
         kernels = integer_kernel_report(path, linear_kernel_count(exported.records))
         log(f"timing {iterations} calls each after {warmup} warm-up calls ...")
-        result = bench_sessions(engine_dir / onnxruntime_backend.MODEL_FILE, exported.float_graph, feeds,
+        save_graph(exported.float_graph, Path(tmp) / "fp32.onnx")
+        result = bench_sessions(engine_dir / onnxruntime_backend.MODEL_FILE, Path(tmp) / "fp32.onnx", feeds,
                                 threads, warmup, iterations, profile)
     result.update({"model": "bench-unet", "bits": bits, "backend": "onnxruntime", "method": "ptq",
                    "parity_min_code_agreement": check["min_code_agreement"], "integer_kernels": kernels,
@@ -243,8 +241,15 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
         "encoder_hidden_states": torch.randn(batch, tokens, config["cross_attention_dim"], generator=generator).numpy(),
     }
     marked, _ = trace.trace_marked_graph(qunet, trace.example_inputs(qunet.unet, batch=batch, tokens=tokens))
-    result = bench_sessions(Path(directory) / manifest["model_file"], passes.strip_markers(marked), feeds, threads, warmup,
-                            iterations, profile)
+    del qunet  # from here on only graphs on disk and the two sessions are held
+    gc.collect()
+    with tempfile.TemporaryDirectory(prefix="quest-bench-fp32-") as tmp:
+        float_graph = passes.strip_markers(marked)
+        del marked
+        save_graph(float_graph, Path(tmp) / "fp32.onnx")
+        del float_graph
+        result = bench_sessions(Path(directory) / manifest["model_file"], Path(tmp) / "fp32.onnx", feeds, threads, warmup,
+                                iterations, profile)
     result.update({"engine": str(directory), "backend": "onnxruntime", "bits": manifest["source_checkpoint"].get("bits")})
     return result
 

@@ -37,10 +37,16 @@ def read_export_manifest(directory: Path) -> dict[str, Any]:
     file = Path(directory) / graph["file"]
     if not file.is_file() or sha256_file(file) != graph["sha256"]:
         raise UserError(f"{file} is missing or does not match its hash in manifest.json; re-export it")
+    data = graph.get("data")
+    if data is not None:  # the external weights of a graph past 2 GB
+        data_path = Path(directory) / str(data.get("file", ""))
+        if not data_path.is_file() or sha256_file(data_path) != data.get("sha256"):
+            raise UserError(f"{data_path} (the graph's external weights) is missing or does not match its hash in manifest.json; re-export it")
     return manifest
 
 
 KERNEL_CHECK_ROWS = 16  # rows fed to the kernel-level check (about 1 s on digits)
+CROPPED_KERNEL_CHECK_ROWS = 4  # rows of 32x32 crops when the latents are larger (about 1 GB of tensors each on SD1.5)
 
 
 @dataclass
@@ -121,7 +127,9 @@ def _verification_inputs(export_dir: Path, export: dict[str, Any], profile: Buil
     model, qunet, _ = load_quantized(checkpoint)
     calib = calibration_for_checks(model, qunet, options.calibration, trajectories=options.samples)
     reference = onnx.load(str(export_dir / export["graphs"]["model"]["file"]))
-    batch = max(profile.batch.min, min(profile.batch.max, 32))
+    from quest.calibration import samples_per_call
+
+    batch = max(profile.batch.min, samples_per_call(min(profile.batch.max, 32), int(calib.x[0, 0].numel())))
     log("preparing engine verification: the simulation and the reference graph on the verification inputs ...")
     vset = verify.prepare(unet_fn(qunet.unet), verify.onnx_model_fn(ort_session(reference, optimize=False)), calib,
                           qunet.context.lookup, model.pipeline.scheduler,
@@ -170,14 +178,24 @@ def _verify_built(tmp: Path, manifest: dict[str, Any], checks: _Checks, readable
 def _kernel_feeds(checks: _Checks) -> dict[str, Any]:
     """Verification rows spread over every timestep group (they are stored group by group) as
     graph inputs for the kernel check: a kernel wrong in one group's scales is seen too."""
+    import numpy as np
     import torch
 
+    from quest.calibration import FULL_BATCH_TOKENS
     from quest_export.engine import verify
 
     total = len(checks.vset.tensors["call_sample"])
-    pick = torch.linspace(0, total - 1, min(total, KERNEL_CHECK_ROWS)).round().long()
-    sample, timestep, states = (checks.vset.tensors[k][pick].numpy() for k in verify.CALL_KEYS[:3])
-    return {"sample": sample, "timestep": timestep, "encoder_hidden_states": states}
+    sample = checks.vset.tensors["call_sample"]
+    side, rows = int(FULL_BATCH_TOKENS**0.5), KERNEL_CHECK_ROWS
+    if sample[0, 0].numel() > FULL_BATCH_TOKENS:
+        # every intermediate tensor of the reference graph is held for this check: on 64x64 latents
+        # that is ~10 GB per row, so it runs on centre crops at 32x32 (the same kernels, weights
+        # and scales; the engine itself is verified at full size, free-running, above)
+        top, left = (sample.shape[2] - side) // 2, (sample.shape[3] - side) // 2
+        sample, rows = sample[:, :, top : top + side, left : left + side], CROPPED_KERNEL_CHECK_ROWS
+    pick = torch.linspace(0, total - 1, min(total, rows)).round().long()
+    timestep, states = (checks.vset.tensors[k][pick].numpy() for k in verify.CALL_KEYS[1:3])
+    return {"sample": np.ascontiguousarray(sample[pick].numpy()), "timestep": timestep, "encoder_hidden_states": states}
 
 
 def _build_from_export(export_dir: Path, export: dict[str, Any], backend: Backend, profile: BuildProfile, out: Path,

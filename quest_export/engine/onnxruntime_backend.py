@@ -53,13 +53,19 @@ def optimize(onnx_path: Path, scratch: Path, ort_settings: dict[str, Any]):
 
     from quest_export.engine import ort_fusions
 
+    from quest_export.onnx_io import EXTERNAL_DATA_LIMIT, HEADROOM, data_file, graph_bytes, graph_files
+
     options = session_options(ort_settings.get("intra_op_threads", 0), ort_settings.get("memory_arena", True))
     optimized = scratch / f".{MODEL_FILE}.optimized"
     options.optimized_model_filepath = str(optimized)
+    if graph_bytes(Path(onnx_path)) > EXTERNAL_DATA_LIMIT - HEADROOM:  # ORT must write the optimised graph's weights apart
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file(optimized).name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     with ort_fusions.prepared(Path(onnx_path), scratch) as (source, disabled, fusions):  # fused attention, FP32 and quantized alike
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
-    model = onnx.load(str(optimized))
-    optimized.unlink()
+    model = onnx.load(str(optimized))  # external weights, if any, are read back into the proto
+    for path in graph_files(optimized):
+        path.unlink()
     return model, fusions
 
 
@@ -79,20 +85,24 @@ def build(onnx_path: Path, out_dir: Path, profile: Any, unet_config: dict[str, A
     return build_model(onnx_path, out_dir, profile.ort)
 
 
-def build_model(onnx_path: Path, out_dir: Path, ort_settings: dict[str, Any]):
+def build_model(onnx_path: Path, out_dir: Path, ort_settings: dict[str, Any], keep_readable: bool = True):
     """Optimise ``onnx_path`` offline into ``out_dir/model.ort.onnx``; returns the manifest fields
-    and the optimised graph with its readable names (what verification checks kernel by kernel)."""
+    and the optimised graph with its readable names (what verification checks kernel by kernel;
+    None with ``keep_readable`` False, which saves a copy of the graph in memory)."""
     import onnxruntime as ort
 
     import onnx
 
     from quest_export.engine import storage
+    from quest_export.onnx_io import save_graph
 
     model, fusions = optimize(Path(onnx_path), out_dir, ort_settings)
-    readable = onnx.ModelProto()
-    readable.CopyFrom(model)
+    readable = None
+    if keep_readable:
+        readable = onnx.ModelProto()
+        readable.CopyFrom(model)
     stored = storage.store_engine_model(model)  # packed 4-bit weights, compact names
-    onnx.save_model(model, str(out_dir / MODEL_FILE))
+    save_graph(model, out_dir / MODEL_FILE)
     fields = {"backend_version": ort.__version__, "model_file": MODEL_FILE, "provider": "CPUExecutionProvider",
               "storage": stored, "fusions": fusions, "device": device_description()}
     return fields, readable
@@ -103,11 +113,11 @@ def piece_sessions(manifest: dict[str, Any], runner: "OrtRunner"):
     provider (engine/diagnose.py's kernel-level check)."""
 
     def session(model, optimize: bool):
-        import onnxruntime as ort
+        from quest_export.onnx_io import inference_session
 
         options = session_options(manifest["profile"]["ort"].get("intra_op_threads", 0), optimize=optimize)
         options.log_severity_level = 4  # a piece ORT cannot run alone is skipped, not reported
-        return ort.InferenceSession(model.SerializeToString(), options, providers=[runner.provider])
+        return inference_session(model, options, [runner.provider])
 
     return session
 
@@ -120,16 +130,15 @@ class OrtRunner:
     """Runs a built ORT engine on numpy inputs (the optimised graph is loaded without re-optimising)."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any], provider: str | None = None, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         from quest_export.engine import storage
+        from quest_export.onnx_io import inference_session
 
         settings = manifest["profile"].get("ort", {})
         options = session_options(settings.get("intra_op_threads", 0) if threads is None else threads,
                                   settings.get("memory_arena", True), optimize=False)
         self.provider = choose_provider(provider)
-        model_bytes = storage.load_engine_model(str(Path(directory) / manifest["model_file"]))
-        self.session = ort.InferenceSession(model_bytes, options, providers=[self.provider])
+        source = storage.engine_session_source(str(Path(directory) / manifest["model_file"]))
+        self.session = inference_session(source, options, [self.provider])
         self.output_name = self.session.get_outputs()[0].name
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray:

@@ -150,11 +150,13 @@ def prepared(onnx_path: Path, scratch: Path) -> Iterator[tuple[Path, list[str], 
     if not attention:
         yield Path(onnx_path), disabled, {"multi_head_attention": 0}
         return
-    target, data = Path(scratch) / ".fused.onnx", Path(scratch) / ".fused.onnx.data"
-    large = model.ByteSize() > 1_800_000_000
+    from quest_export.onnx_io import graph_files, save_graph
+
+    target = Path(scratch) / ".fused.onnx"
     try:
-        onnx.save_model(model, str(target), save_as_external_data=large, location=data.name if large else None)
+        save_graph(model, target)  # external data past 2 GB
+        del model
         yield target, disabled, {"multi_head_attention": attention}
     finally:
-        target.unlink(missing_ok=True)
-        data.unlink(missing_ok=True)
+        for path in graph_files(target):
+            path.unlink(missing_ok=True)

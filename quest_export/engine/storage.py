@@ -105,8 +105,26 @@ def store_engine_model(model: onnx.ModelProto) -> dict[str, int | list[str]]:
     return {"packed_int4_weights": len(packed), "int8_weights": unpackable}
 
 
-def load_engine_model(path: str) -> bytes:
-    """The engine file as the bytes ONNX Runtime runs (packed weights unpacked)."""
+def engine_session_source(path: str) -> onnx.ModelProto | str:
+    """What ONNX Runtime opens for an engine file (``onnx_io.inference_session`` takes either): the
+    file itself when it holds no packed 4-bit weights (an FP32 engine: no copy of its GBs in this
+    process), else the graph with them unpacked."""
+    from pathlib import Path
+
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = onnx.load(path, load_external_data=False)
+    entry = next((p for p in model.metadata_props if p.key == PACKED_KEY), None)
+    if entry is None or not entry.value:
+        return path
+    load_external_data_for_model(model, str(Path(path).parent))
+    unpack_int4_initializers(model)
+    return model
+
+
+def load_engine_model(path: str) -> onnx.ModelProto:
+    """The engine file as the graph ONNX Runtime runs (packed weights unpacked; external weights
+    of a graph past 2 GB read in): open it with ``onnx_io.inference_session``."""
     model = onnx.load(path)
     unpack_int4_initializers(model)
-    return model.SerializeToString()
+    return model

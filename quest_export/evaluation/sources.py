@@ -12,8 +12,9 @@ from quest_export.errors import UserError
 
 def evaluate_source(*, model: str | None = None, checkpoint: Path | None = None, engine: Path | None = None,
                     num_samples: int = 500, steps: int = 20, seed: int = 0, guidance: float | None = None,
-                    batch_size: int = 250, progress: bool = True) -> dict[str, Any]:
-    """The metrics of one of ``model``, ``checkpoint`` or ``engine`` (evaluation/evaluate.py)."""
+                    batch_size: int = 250, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
+    """The metrics of one of ``model``, ``checkpoint`` or ``engine`` (evaluation/evaluate.py); the
+    PyTorch models (FP, simulation) run on ``device``, an engine on its own backend."""
     from quest_export.evaluation.evaluate import evaluate
     from quest_export.models.resolve import load_model
     from quest_export.quantization import load_quantized
@@ -30,12 +31,12 @@ def evaluate_source(*, model: str | None = None, checkpoint: Path | None = None,
         source = loaded.pipeline.unet.manifest["source_checkpoint"]
         if not Path(source["path"]).is_dir():
             raise UserError(f"the engine's source checkpoint {source['path']} is gone; psnr_vs_simulation needs it")
-        fp_twin, _, meta = load_quantized(Path(source["path"]))
+        fp_twin, _, meta = load_quantized(Path(source["path"]), device)
     elif checkpoint is not None:
-        loaded, _, meta = load_quantized(checkpoint)
-        fp_twin = load_model(loaded.reload_name)
+        loaded, _, meta = load_quantized(checkpoint, device)
+        fp_twin = load_model(loaded.reload_name, device)
     else:
-        loaded = load_model(model or "digits")
+        loaded = load_model(model or "digits", device)
     result = evaluate(loaded, num_samples, steps, seed, default_guidance(guidance, loaded), batch_size, progress=progress,
                       fp_twin=fp_twin)
     if meta is not None:

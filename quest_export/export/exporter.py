@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from quest_export.artifacts import atomic_directory, seal_document, write_json_atomic
+from quest_export.onnx_io import is_large, save_graph, serialized_bytes  # noqa: F401 - save_graph: callers import it from here
 from quest_export.errors import UserError
 from quest_export.export import lint, parity, passes, qdq, trace
 from quest_export.export.manifest import build_manifest
@@ -28,7 +29,6 @@ FP16_CODE_AGREEMENT = 0.97  # documented FP16 bound (README "Export"): FP16 roun
 # probabilities before Q moves up to ~2.5% of codes by one step (the strict check runs on the FP32 Q/DQ graph)
 FP16_ERROR_BOUND = 2e-2  # teacher-forced max abs error of the noise prediction, FP16 graph
 GRAPH_FILE = "model.onnx"
-EXTERNAL_DATA_LIMIT = 1 << 31
 
 
 @dataclass
@@ -49,16 +49,6 @@ def check_target(checkpoint_target: str, target: str) -> None:
             f"the checkpoint was made for target {checkpoint_target!r}, whose integer arithmetic differs from {target!r}; "
             f"export it with --target {checkpoint_target} or re-run finetune with --target {target}"
         )
-
-
-def save_graph(model: onnx.ModelProto, path: Path) -> None:
-    """Write one graph; over 2 GB the weights go to ``<name>.data`` beside it."""
-    large = model.ByteSize() > EXTERNAL_DATA_LIMIT - (64 << 20)
-    if large:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
 
 
 def parity_inputs(qunet, model, calibration: Path | None) -> parity.ParityInputs:
@@ -98,13 +88,15 @@ class GraphSet:
     records: list[qdq.QuantizedTensor]
     reports: dict[str, Any]
     float_graph: onnx.ModelProto | None  # the same UNet without Q/DQ: the FP32 baseline engines are built from it
+    float_graph_bytes: int = 0  # its serialised size (kept when the graph itself is not)
 
 
 def export_graphs(qunet, example: trace.ExampleInputs, inputs: parity.ParityInputs | None, *,
                   timestep_scales: str = "table", check_optimized: bool | None = None,
-                  log: Callable[[str], None] = print) -> GraphSet:
+                  log: Callable[[str], None] = print, keep_float_graph: bool = True) -> GraphSet:
     """trace -> Q/DQ + timestep tables -> fold -> [FP16] -> lint -> parity, for a quantized UNet in
-    memory. ``inputs`` None skips parity; ``check_optimized`` defaults to the profile's own rule."""
+    memory. ``inputs`` None skips parity; ``check_optimized`` defaults to the profile's own rule.
+    ``keep_float_graph`` False keeps only the FP32 graph's size (3.4 GB less held for SD1.5)."""
     if timestep_scales not in TIMESTEP_SCALES:
         raise UserError(f"unknown --timestep-scales {timestep_scales!r}; choose one of: {', '.join(TIMESTEP_SCALES)}")
     profile = qunet.profile
@@ -116,10 +108,14 @@ def export_graphs(qunet, example: trace.ExampleInputs, inputs: parity.ParityInpu
         key = "model" if group is None else f"group{group}"
         with _scales_of_group(qunet, group):
             marked, quantizers = trace.trace_marked_graph(qunet, example)
-            if result.float_graph is None:
-                result.float_graph = passes.strip_markers(marked)
+            if not result.float_graph_bytes:
+                float_graph = passes.strip_markers(marked)
+                result.float_graph_bytes = serialized_bytes(float_graph)
+                result.float_graph = float_graph if keep_float_graph else None
+                del float_graph
             graph_lookup = lookup if group is None else np.zeros_like(lookup)
             graph, records = qdq.insert_qdq(marked, quantizers, profile, graph_lookup, OPSET)
+            del marked  # the traced FP32 graph: as large as the model
             fp32_graph = graph = passes.fold_constants(graph)
             if profile.graph_precision == "fp16":
                 graph = passes.to_fp16(graph)
@@ -127,7 +123,7 @@ def export_graphs(qunet, example: trace.ExampleInputs, inputs: parity.ParityInpu
             if problems:
                 raise UserError(f"the exported graph breaks {profile.graph_rules}'s quantization rules: {problems[0]} "
                                 f"({len(problems)} problem(s)); the checkpoint cannot be expressed on {profile.name}")
-            onnx.checker.check_model(graph, full_check=False) if graph.ByteSize() < EXTERNAL_DATA_LIMIT else None
+            onnx.checker.check_model(graph, full_check=False) if not is_large(graph) else None
             result.graphs[key] = graph
             result.records = records
             if inputs is not None:
@@ -174,7 +170,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scal
     inputs = parity_inputs(qunet, model, calibration) if verify else None
     tokens = int(inputs.encoder_hidden_states.shape[1]) if inputs is not None else None
     example = trace.example_inputs(qunet.unet, tokens=tokens or _default_tokens(model))
-    exported = export_graphs(qunet, example, inputs, timestep_scales=timestep_scales, log=log)
+    exported = export_graphs(qunet, example, inputs, timestep_scales=timestep_scales, log=log, keep_float_graph=False)
 
     with atomic_directory(out, force=force) as tmp:
         graph_files: dict[str, Path] = {}
@@ -198,7 +194,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scal
             inputs={"sample": ["batch", int(example.sample.shape[1]), "height", "width"], "timestep": ["batch"],
                     "encoder_hidden_states": ["batch", "tokens", int(example.encoder_hidden_states.shape[2])],
                     "trace_size": list(example.sample.shape[2:]), "trace_tokens": int(example.encoder_hidden_states.shape[1])},
-            extra={"export_seconds": seconds, "fp32_onnx_bytes": exported.float_graph.ByteSize(), "quantized_onnx_bytes": quant_bytes,
+            extra={"export_seconds": seconds, "fp32_onnx_bytes": exported.float_graph_bytes, "quantized_onnx_bytes": quant_bytes,
                    "ort_integer_kernels": kernel_report, "parity_passed": None if parity_doc is None else parity_doc["passed"], "verified": parity_doc is not None},
         )
         manifest["unet_config"] = unet_config_dict(qunet.unet)

@@ -57,10 +57,20 @@ def build_manifest(*, checkpoint_dir: Path, checkpoint_meta: dict[str, Any], tar
             "lookup_sha256": lookup_sha256(lookup),
         },
         "inputs": inputs,
-        "graphs": {key: {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-                   for key, path in graph_files.items()},
+        "graphs": {key: graph_entry(path) for key, path in graph_files.items()},
         "layers": layer_precision(records, checkpoint_meta.get("layers", {})),
         "quantized_tensors": len(records),
         "versions": {"quest_export": __version__},
         **extra,
     }
+
+
+def graph_entry(path: Path) -> dict[str, Any]:
+    """A saved graph's manifest entry: its file, and the external-data file of a graph past 2 GB."""
+    from quest_export.onnx_io import data_file
+
+    entry: dict[str, Any] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    data = data_file(path)
+    if data.is_file():
+        entry["data"] = {"file": data.name, "sha256": sha256_file(data), "bytes": data.stat().st_size}
+    return entry

@@ -25,6 +25,7 @@ information: it measures how sensitive the model is to round-off, not whether th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,9 @@ from quest_export.export.qdq import QuantizedTensor
 MIN_CODE_AGREEMENT = 0.999
 MAX_ABS_ERROR_FP32 = 1e-3
 TIE_STEPS = 1e-3  # FP32: a differing code's input lies this close (in steps) to a rounding boundary
+
+# (quantizer name, simulated codes, distance of each input from its rounding boundary in steps)
+CodesFn = Callable[[str, np.ndarray, np.ndarray], None]
 
 
 @dataclass
@@ -59,6 +63,21 @@ class ParityInputs:
         }
 
 
+    def __len__(self) -> int:
+        return int(self.sample.shape[0])
+
+    def chunks(self, size: int) -> list["ParityInputs"]:
+        return [ParityInputs(self.sample[i : i + size], self.timestep[i : i + size], self.encoder_hidden_states[i : i + size])
+                for i in range(0, len(self), size)]
+
+    def chunk_size(self) -> int:
+        """Samples per graph run: all of them, one at a time for large latents (a 64x64 SD sample's
+        quantized tensors, every one a graph output, are about 5 GB)."""
+        from quest.calibration import samples_per_call
+
+        return samples_per_call(len(self), int(self.sample[0, 0].numel()))
+
+
 def inputs_covering_groups(sample: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor,
                            lookup: torch.Tensor, per_group: int = 2) -> ParityInputs:
     """Pick up to ``per_group`` calibration rows from every timestep group (several timesteps each)."""
@@ -75,19 +94,18 @@ def inputs_covering_groups(sample: torch.Tensor, timestep: torch.Tensor, states:
 
 def _run_simulation(qunet: QuantizedUNet, inputs: ParityInputs, names: set[str],
                     forced: dict[str, np.ndarray] | None, factors: dict[str, list[float]] | None = None,
-                    graph_codes: dict[str, np.ndarray] | None = None,
-                    ) -> tuple[dict[str, np.ndarray], dict[str, float], np.ndarray, dict[str, np.ndarray]]:
+                    graph_codes: dict[str, np.ndarray] | None = None, on_codes: CodesFn | None = None,
+                    ) -> tuple[dict[str, float], np.ndarray]:
     """One simulation pass; with ``forced``, each named quantizer reads the graph's input tensor
     and (with ``graph_codes``) passes on the graph's codes, dequantized with its own scale.
 
-    Returns the codes per quantizer, the deviation of the simulation's own input from the forced
-    one (in quantization steps), the output, and per quantizer the distance (in steps) of each
-    input from the nearest rounding boundary.
+    Returns the deviation of the simulation's own input from the forced one (in quantization
+    steps) and the output; each named quantizer's codes, with the distance (in steps) of each input
+    from the nearest rounding boundary, go to ``on_codes`` as they are made (compared and dropped:
+    kept for a whole SD1.5 UNet they would be several GB per sample).
     """
     factors = factors or {}
     graph_codes = graph_codes or {}
-    codes: dict[str, np.ndarray] = {}
-    tie_distance: dict[str, np.ndarray] = {}
     deviation: dict[str, float] = {}
     handles = []
     modules = dict(qunet.unet.named_modules())
@@ -109,10 +127,11 @@ def _run_simulation(qunet: QuantizedUNet, inputs: ParityInputs, names: set[str],
 
         def hook(mod: nn.Module, args: tuple, out: Any, _name: str = name) -> torch.Tensor | None:
             x = args[0]
-            codes[_name] = mod.codes(x).detach().cpu().numpy()
             scale = mod.sample_scale(x)
-            position = (x / scale).detach()
-            tie_distance[_name] = (position - position.floor() - 0.5).abs().cpu().numpy()  # 0 at the half-way point
+            if on_codes is not None:
+                position = (x / scale).detach()
+                tie = (position - position.floor() - 0.5).abs().cpu().numpy()  # 0 at the half-way point
+                on_codes(_name, mod.codes(x).detach().cpu().numpy(), tie)
             if _name not in graph_codes or graph_codes[_name].shape != tuple(x.shape):
                 return None
             return (torch.from_numpy(graph_codes[_name]).to(x.dtype) - mod.zero_point) * scale
@@ -124,7 +143,7 @@ def _run_simulation(qunet: QuantizedUNet, inputs: ParityInputs, names: set[str],
     finally:
         for handle in handles:
             handle.remove()
-    return codes, deviation, out.float().numpy(), tie_distance
+    return deviation, out.float().numpy()
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[tuple[str, int]]) -> onnx.ModelProto:
@@ -144,8 +163,10 @@ def ort_session(model: onnx.ModelProto, optimize: bool, threads: int = 0):
 
     from quest_export.engine.onnxruntime_backend import session_options
 
+    from quest_export.onnx_io import inference_session
+
     options = session_options(threads, optimize=optimize)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return inference_session(model, options, ["CPUExecutionProvider"])
 
 
 @dataclass
@@ -211,58 +232,92 @@ def _weight_agreement(model: onnx.ModelProto, record: QuantizedTensor, qunet: Qu
             "max_code_diff": int(np.abs(stored - want).max()) if same else None}
 
 
+class _CodeStats:
+    """Agreement of one quantizer's codes, accumulated over the samples."""
+
+    def __init__(self) -> None:
+        self.equal = self.total = self.max_diff = 0
+        self.max_tie = 0.0
+        self.same_shape = True
+
+    def add(self, got: np.ndarray, want: np.ndarray, tie: np.ndarray) -> None:
+        if got.shape != want.shape:
+            self.same_shape = False
+            return
+        got, want = got.astype(np.int32), want.astype(np.int32)
+        differ = got != want
+        self.total += differ.size
+        self.equal += differ.size - int(differ.sum())
+        if differ.any():
+            self.max_diff = max(self.max_diff, int(np.abs(got - want).max()))
+            self.max_tie = max(self.max_tie, float(tie[differ].max()))
+
+    def entry(self) -> dict[str, Any]:
+        return {"code_agreement": self.equal / self.total if self.same_shape and self.total else (1.0 if self.same_shape else 0.0),
+                "max_code_diff": self.max_diff if self.same_shape else None,
+                "max_tie_distance_steps": self.max_tie if self.same_shape else 0.0}
+
+
 def check_parity(model: onnx.ModelProto, records: list[QuantizedTensor], qunet: QuantizedUNet, inputs: ParityInputs,
                  *, code_threshold: float = MIN_CODE_AGREEMENT, error_bound: float = MAX_ABS_ERROR_FP32,
                  graph_precision: str = "fp32", check_optimized: bool = True) -> ParityReport:
-    """Compare the graph with the simulation (see the module docstring for the method)."""
+    """Compare the graph with the simulation (see the module docstring for the method), a chunk of
+    samples at a time (:meth:`ParityInputs.chunk_size`); code agreement is counted over all of them."""
     active = [r for r in records if r.kind != "weight"]
     sources = {r.name: r.source for r in active}
+    code_outputs = {r.name: r.codes for r in active}
     factors = {r.name: r.source_factors for r in active if r.source_factors}
     float_elem = onnx.TensorProto.FLOAT16 if graph_precision == "fp16" else onnx.TensorProto.FLOAT
     extra = [(r.codes, onnx.TensorProto.INT8 if r.signed else onnx.TensorProto.UINT8) for r in active]
     declared = tensor_types(model)  # the FP16 graph keeps some tensors FP32 (timestep embedding)
     extra += [(s, declared.get(s, float_elem)) for s in sources.values() if s not in ("sample", "encoder_hidden_states")]
-    feeds = inputs.feeds()  # graph inputs and outputs are FP32 on both targets
     session = ort_session(_with_outputs(model, extra), optimize=False)
     names = [o.name for o in session.get_outputs()]
-    results = dict(zip(names, session.run(None, feeds)))
-    results.update({k: v for k, v in feeds.items()})
-    graph_out = results[names[0]].astype(np.float32)
-
-    forced = {name: results[src].astype(np.float32) for name, src in sources.items()}
-    graph_codes = {r.name: results[r.codes].astype(np.float32) for r in active}
-    codes, deviation, forced_out, tie_distance = _run_simulation(qunet, inputs, {r.name for r in active}, forced,
-                                                                 factors, graph_codes)
-    _, _, free_out, _ = _run_simulation(qunet, inputs, set(), None)
-
-    tensors = []
-    for record in active:
-        got = results[record.codes].astype(np.int32)
-        want = codes[record.name].astype(np.int32)
-        same = got.shape == want.shape
-        differ = (got != want) if same else None
-        tensors.append({
-            "name": record.name, "kind": record.kind, "bits": record.bits, "timestep_groups": record.timestep_groups,
-            "code_agreement": float((got == want).mean()) if same else 0.0,
-            "max_code_diff": int(np.abs(got - want).max()) if same else None,
-            "max_tie_distance_steps": float(tie_distance[record.name][differ].max()) if same and differ.any() else 0.0,
-            "input_deviation_steps": deviation.get(record.name),
-        })
-    tensors += [_weight_agreement(model, r, qunet) for r in records if r.kind == "weight"]
-
-    optimized_error = None
+    fused = None
     if check_optimized:
         try:
-            fused = ort_session(model, optimize=True).run(None, feeds)[0].astype(np.float32)
-            optimized_error = float(np.abs(fused - free_out).max())
+            fused = ort_session(model, optimize=True)
         except Exception:  # noqa: BLE001 - ORT's optimizer cannot rewrite some int8 graphs; informational only
-            optimized_error = None
+            fused = None
+    stats = {r.name: _CodeStats() for r in active}
+    deviation: dict[str, float] = {}
+    errors = {"forced": 0.0, "free": 0.0, "optimized": 0.0, "output": 0.0}
+    for chunk in inputs.chunks(inputs.chunk_size()):
+        feeds = chunk.feeds()  # graph inputs and outputs are FP32 on both targets
+        results = dict(zip(names, session.run(None, feeds)))
+        results.update(feeds)
+        graph_out = results[names[0]].astype(np.float32)
+        # no copies: a 64x64 SD sample's quantized tensors are GBs (codes stay 8-bit until a hook reads them)
+        forced = {name: results[src].astype(np.float32, copy=False) for name, src in sources.items()}
+        graph_codes = {r.name: results[r.codes] for r in active}
+
+        def compare(name: str, codes: np.ndarray, tie: np.ndarray, results: dict = results) -> None:
+            stats[name].add(results[code_outputs[name]], codes, tie)
+
+        chunk_deviation, forced_out = _run_simulation(qunet, chunk, {r.name for r in active}, forced, factors, graph_codes, compare)
+        del forced, graph_codes, results
+        for name, value in chunk_deviation.items():
+            deviation[name] = max(deviation.get(name, 0.0), value)
+        _, free_out = _run_simulation(qunet, chunk, set(), None)
+        errors["forced"] = max(errors["forced"], float(np.abs(graph_out - forced_out).max()))
+        errors["free"] = max(errors["free"], float(np.abs(graph_out - free_out).max()))
+        errors["output"] = max(errors["output"], float(np.abs(free_out).max()))
+        if fused is not None:
+            try:
+                errors["optimized"] = max(errors["optimized"], float(np.abs(fused.run(None, feeds)[0].astype(np.float32) - free_out).max()))
+            except Exception:  # noqa: BLE001 - see above
+                fused = None
+
+    tensors = [{"name": r.name, "kind": r.kind, "bits": r.bits, "timestep_groups": r.timestep_groups, **stats[r.name].entry(),
+                "input_deviation_steps": deviation.get(r.name)} for r in active]
+    tensors += [_weight_agreement(model, r, qunet) for r in records if r.kind == "weight"]
+    optimized_error = errors["optimized"] if fused is not None else None
     return ParityReport(
         min_code_agreement=min((t["code_agreement"] for t in tensors), default=1.0),
-        max_abs_error=float(np.abs(graph_out - forced_out).max()),
-        free_running_max_abs_error=float(np.abs(graph_out - free_out).max()),
+        max_abs_error=errors["forced"],
+        free_running_max_abs_error=errors["free"],
         optimized_max_abs_error=optimized_error,
-        output_max_abs=float(np.abs(free_out).max()),
+        output_max_abs=errors["output"],
         samples=int(inputs.sample.shape[0]),
         timesteps=sorted({int(t) for t in inputs.timestep.round().long().tolist()}),
         tensors=tensors,

@@ -42,7 +42,9 @@ def to_model(graph: gs.Graph, opset_import, ir_version: int = IR_VERSION) -> onn
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor ONNX's type inference can tell (initializers included)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    from quest_export.onnx_io import infer_shapes
+
+    inferred = infer_shapes(model, strict_mode=False)
     infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
     types = {vi.name: vi.type.tensor_type.elem_type for vi in infos if vi.type.tensor_type.elem_type}
     types.update({i.name: i.data_type for i in model.graph.initializer})

@@ -77,13 +77,14 @@ class QuantizedTensor:
 
 def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     """Rank of every tensor, by ONNX shape inference with markers read as Identity."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    from quest_export.onnx_io import infer_shapes, structure
+
+    copy = structure(model)  # no weight data: cheap at any size
     for node in copy.graph.node:
         if node.domain == MARK_DOMAIN and node.op_type == MARK_OP:
             node.domain, node.op_type = "", "Identity"
             del node.attribute[:]
-    inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False)
+    inferred = infer_shapes(copy, strict_mode=False)
     ranks: dict[str, int] = {}
     for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         tensor_type = info.type.tensor_type

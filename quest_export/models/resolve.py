@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,7 +28,8 @@ SD_ALIASES: dict[str, str] = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 
-SHIPPED = ("digits",)  # models inside the package
+SD15_SHAPED = "sd15-shaped"  # SD1.5's UNet config with seeded random weights, built on first use (models/sd_shaped.py)
+SHIPPED = ("digits", SD15_SHAPED)  # models the package carries or builds: checkpoints name them, not their path
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Family = Literal["digits", "diffusers"]
@@ -80,7 +82,7 @@ def _local_family(path: Path) -> Family:
     if not index.is_file():
         raise UserError(
             f"{path} is not a diffusers model directory (no model_index.json); "
-            "pass a folder written by save_pretrained, or one of: digits, " + ", ".join(SD_ALIASES)
+            "pass a folder written by save_pretrained, or one of: digits, sd15-shaped, " + ", ".join(SD_ALIASES)
         )
     try:
         class_name = json.loads(index.read_text()).get("_class_name", "")
@@ -106,6 +108,10 @@ def resolve_model_spec(name: str) -> ModelSpec:
         return ModelSpec(name, "digits", str(DIGITS_DIR), True)
     if name in SD_ALIASES:
         return ModelSpec(name, "diffusers", SD_ALIASES[name], False)
+    if name == SD15_SHAPED:
+        from quest_export.models.sd_shaped import sd15_shaped_dir
+
+        return ModelSpec(name, "diffusers", str(sd15_shaped_dir(build=False)), True)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -138,6 +144,10 @@ def load_model(name: str, device: str = "cpu") -> LoadedModel:
     from diffusers.utils import logging as diffusers_logging
 
     spec = resolve_model_spec(name)
+    if spec.name == SD15_SHAPED:
+        from quest_export.models.sd_shaped import sd15_shaped_dir
+
+        sd15_shaped_dir(build=True, log=lambda line: print(line, file=sys.stderr))
     diffusers_logging.disable_progress_bar()
     try:
         return _load(spec, device)
