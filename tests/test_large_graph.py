@@ -4,8 +4,9 @@ data, pass parity, build into an ONNX Runtime engine and run in a pipeline.
 The graph is made large cheaply: the tiny SD UNet with a 23,168-wide time embedding, whose
 23,168 x 23,168 ``time_embedding.linear_2`` (2.147 GB in FP32) the recipe leaves unquantized, so the
 quantized graph itself carries it. The width is the largest whose one weight still fits a single
-protobuf message (no ONNX tool can hold one tensor past 2 GiB, external data or not; real UNets
-have none: SD1.5's largest is 59 MB), so the graph passes the limit only with everything else.
+protobuf message (onnx-graphsurgeon's export copies each initializer as a message and fails with
+EncodeError on one past 2 GiB; real UNets have none, SD1.5's largest weight is 59 MB), so the graph
+passes the limit only with everything else.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 
 from tiny_sd import TINY_TEXT, TINY_UNET, TINY_VAE
@@ -27,11 +29,10 @@ def wide_sd(tmp_path_factory) -> Path:
     return build_sd_pipeline(tmp_path_factory.mktemp("wide") / "wide-sd", {**TINY_UNET, "time_embedding_dim": WIDE}, TINY_TEXT, TINY_VAE)
 
 
-def _two_gather_graph(elements: int) -> "onnx.ModelProto":
+def _two_gather_graph(elements: int) -> onnx.ModelProto:
     """y = W1[idx] + W2[idx]: two FP32 tables of ``elements`` each, so the graph is large while no
     single tensor passes protobuf's per-message limit (as in a real UNet)."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     tables = [numpy_helper.from_array(np.full(elements, float(k + 1), dtype=np.float32), f"w{k}") for k in range(2)]
@@ -70,7 +71,7 @@ def test_graph_io_past_2gb_saves_external_data_and_opens(tmp_path: Path) -> None
         del session
 
 
-@pytest.mark.slow  # 7 min and 19.5 GB peak RSS on 2 cores: the whole CLI chain on one 2 GB layer
+@pytest.mark.slow  # 426 s and 19.5 GB peak RSS (AMD EPYC, 2 cores): the whole CLI chain on one 2 GB layer
 def test_graph_past_2gb_exports_with_external_data_and_builds(run_cli, wide_sd: Path, tmp_path: Path) -> None:
     from quest_export.onnx_io import EXTERNAL_DATA_LIMIT, graph_bytes
 
