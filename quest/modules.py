@@ -145,7 +145,9 @@ class QuantAttnProcessor(nn.Module):
         scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
             scores = scores + attention_mask
-        probs = self.probs_quantizer(scores.softmax(dim=-1))
+        probs = scores.softmax(dim=-1)
+        del scores  # (batch, heads, S, S): not needed past softmax, and 0.5 GB per sample at 64x64
+        probs = self.probs_quantizer(probs)
         out = torch.matmul(probs, value)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
 

@@ -18,22 +18,60 @@ from quest.profiles import QuantSpec
 from quest.timesteps import TimestepContext
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round half to even in the forward pass, identity gradient."""
-    return (torch.round(x) - x).detach() + x
-
-
 def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Forward identity, gradient multiplied by ``factor`` (LSQ's step-size gradient scale)."""
     return (x - x * factor).detach() + x * factor
 
 
+class _FakeQuant(torch.autograd.Function):
+    """QuantizeLinear -> DequantizeLinear with the LSQ straight-through gradients, in one node.
+
+    Written as one autograd node because the chain of elementwise ops keeps three full-size
+    intermediates alive for backward; on a 64x64 UNet's (heads, 4096, 4096) softmax probabilities
+    that is gigabytes per attention. This node saves only its input (usually already kept by the
+    op that produced it) and recomputes the rounding in backward. Forward is the same op sequence,
+    so the values are bit-identical to ``(clamp(round(x / s) + z, qmin, qmax) - z) * s``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.grid = (qmin, qmax)
+        out = torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax)
+        return out.sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, scale, zero_point = ctx.saved_tensors
+        qmin, qmax = ctx.grid
+        scaled = torch.div(x, scale)
+        shifted = torch.round(scaled).add_(zero_point)
+        inside = (shifted >= qmin) & (shifted <= qmax)
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            # d out / d s: (q - z) - x / s inside the grid (STE rounding), the clamped level outside;
+            # computed in place, before grad_x, so at most two full-size temporaries live at once
+            slope = shifted.clamp_(qmin, qmax).sub_(zero_point).sub_(scaled.mul_(inside))
+            grad_scale = _sum_to(slope.mul_(grad), scale.shape)
+        del scaled, shifted
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[2]:
+            raise RuntimeError("zero points are fixed on every target; they take no gradient")
+        return grad_x, grad_scale, None, None, None
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast gradient back to the shape of the tensor that was broadcast."""
+    lead = grad.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1]
+    return grad.sum(dim=dims, keepdim=True).reshape(shape) if dims else grad.reshape(shape)
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Quantize-dequantize with STE rounding; ``scale``/``zero_point`` broadcast against ``x``."""
-    scaled = x / scale
-    rounded = round_ste(scaled) if scaled.requires_grad else torch.round(scaled)
-    q = torch.clamp(rounded + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return _FakeQuant.apply(x, scale, zero_point, qmin, qmax)
+    return torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:

@@ -8,7 +8,8 @@
 # Usage: scripts/sd15_scale.sh [WORKDIR]   (default out/sd15-scale; about an hour on 2 cores)
 # Every stage's wall time and peak RSS come from /usr/bin/time; the table is written to
 # WORKDIR/scale.md (scripts/sd15_scale_table.py). A stage whose output exists is skipped, so an
-# interrupted run continues where it stopped; DEVICE=cuda runs the PyTorch stages on a GPU.
+# interrupted run continues where it stopped; DEVICE=cuda runs the PyTorch stages on a GPU;
+# TARGETS=tensorrt runs one target's finetune and export only.
 set -euo pipefail
 W=${1:-out/sd15-scale}
 QE=${QE:-.venv/bin/quest-export}
@@ -16,6 +17,7 @@ PY=${PY:-.venv/bin/python}
 DEVICE=${DEVICE:-cpu}
 STEPS=${STEPS:-4}             # sampler steps of calibration, verification and generation
 FT_STEPS=${FT_STEPS:-2}       # finetuning steps per stage
+TARGETS=${TARGETS:-"onnxruntime tensorrt"}  # export targets to finetune and export for
 mkdir -p "$W"
 
 # stage NAME OUTPUT COMMAND...: run COMMAND under /usr/bin/time unless OUTPUT exists
@@ -37,7 +39,7 @@ lscpu | grep -E "^(Model name|Flags)" > "$W/host.txt"
 stage build "$HOME/.cache/quest-export/sd15-shaped/model_index.json" \
   "$PY" -c "from quest_export.models.sd_shaped import sd15_shaped_dir; print(sd15_shaped_dir(log=print))"
 stage calibrate "$W/calib" $QE calibrate --model sd15-shaped --trajectories 2 --steps "$STEPS" --device "$DEVICE" --out "$W/calib"
-for target in onnxruntime tensorrt; do
+for target in $TARGETS; do
   stage "finetune-$target" "$W/quest-$target" $QE finetune --model sd15-shaped --bits w4a8 --method quest --target "$target" \
     --recipe "$W/recipe.yaml" --calibration "$W/calib" --device "$DEVICE" --out "$W/quest-$target"
   stage "export-$target" "$W/onnx-$target" $QE export "$W/quest-$target" --target "$target" --calibration "$W/calib" \

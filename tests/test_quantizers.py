@@ -94,3 +94,37 @@ def test_uniform_lookup_covers_every_timestep() -> None:
     assert lookup.shape == (1000,) and lookup.min() == 0 and lookup.max() == 9
     assert (lookup[1:] >= lookup[:-1]).all()
     assert torch.bincount(lookup).tolist() == [100] * 10
+
+
+def _composite_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The textbook chain of ops (STE rounding as a detached difference) the one-node version replaces."""
+    scaled = x / scale
+    q = torch.clamp((torch.round(scaled) - scaled).detach() + scaled + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+@pytest.mark.parametrize("zero_point,qmin,qmax", [(0.0, -128, 127), (3.0, 0, 15), (0.0, -7, 7)])
+def test_one_node_fake_quant_matches_the_composite_ops_in_values_and_gradients(zero_point: float, qmin: int, qmax: int) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 7) * 8).requires_grad_()
+    scale = torch.tensor([0.1, 0.3, 0.05]).view(3, 1, 1).requires_grad_()  # per-sample scales, broadcast
+    zp = torch.tensor(zero_point)
+    weights = torch.randn(3, 5, 7)
+    ours = fake_quant(x, scale, zp, qmin, qmax)
+    (ours * weights).sum().backward()
+    ours_grads = x.grad.clone(), scale.grad.clone()
+    x.grad = scale.grad = None
+    reference = _composite_fake_quant(x, scale, zp, qmin, qmax)
+    (reference * weights).sum().backward()
+    assert torch.equal(ours, reference)  # forward: bit-identical, the exporter's arithmetic
+    assert torch.allclose(ours_grads[0], x.grad, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(ours_grads[1], scale.grad, rtol=1e-5, atol=1e-6)
+    assert (ours_grads[0] == 0).any() and (ours_grads[0] != 0).any()  # both clamped and passed elements
+
+
+def test_fake_quant_keeps_no_full_size_intermediates_for_backward() -> None:
+    x = torch.randn(4, 64, 64, requires_grad=True)
+    scale = torch.tensor(0.02, requires_grad=True)
+    out = fake_quant(x.softmax(-1), scale, torch.tensor(0.0), -128, 127)
+    saved = [t for t in out.grad_fn.saved_tensors if t.numel() == x.numel()]
+    assert len(saved) == 1  # only the input, which softmax keeps anyway
