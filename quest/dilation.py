@@ -8,6 +8,10 @@ per-output-channel weight range (and therefore every weight quantizer step) is u
 activation channels with the largest values shrink. The factors are folded into FP parameters
 before PTQ, so the exported graph and the engines' arithmetic do not change at all.
 
+Smoothing (SmoothQuant) uses the same folds with ``s_j = amax_j^alpha / wmax_j^(1 - alpha)``: it
+lets weight ranges grow to flatten the activation channels, which 4-bit activations need more than
+4-bit weights need their headroom.
+
 Exact folds (the producer is per-channel affine, and its output feeds only the listed consumers):
 
 - ``LayerNorm`` gamma/beta of a transformer block -> ``attn1.to_q/to_k/to_v`` (``norm1``),
@@ -25,6 +29,7 @@ inputs (``conv_in``, ``time_embedding.linear_1``, cross-attention ``to_k``/``to_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,12 +177,18 @@ def apply_fold(fold: Fold, s: torch.Tensor) -> None:
         consumer.weight.mul_(s.to(consumer.weight.dtype).view(shape))
 
 
-@torch.no_grad()
-def dilate_unet(unet: nn.Module, calib: CalibrationSet, check: bool = True) -> dict[str, Any]:
-    """Fold dilation factors into the FP ``unet`` in place (before quantization); returns a summary.
+def consumer_column_amax(fold: Fold) -> torch.Tensor:
+    """Largest |weight| of each input column over all of the fold's consumers."""
+    return torch.stack([_columns(c.weight).amax(0) for c in fold.consumers.values()]).amax(0)
 
-    With ``check`` the output on one calibration batch is compared before and after the fold, so a
-    fold that is not exact for this architecture fails loudly instead of changing the model.
+
+@torch.no_grad()
+def fold_channel_factors(unet: nn.Module, calib: CalibrationSet, factors: Callable[[Fold], torch.Tensor], check: bool = True) -> dict[str, Any]:
+    """Fold ``factors(fold)`` (one per channel, the activation is divided by it) into every exact
+    fold of the FP ``unet`` in place, before quantization; returns a per-fold summary.
+
+    With ``check`` the output on one calibration batch is compared before and after the folds, so
+    a fold that is not exact for this architecture fails loudly instead of changing the model.
     """
     was_training = unet.training
     unet.eval()
@@ -189,12 +200,15 @@ def dilate_unet(unet: nn.Module, calib: CalibrationSet, check: bool = True) -> d
     for fold in folds:
         if fold.amax is None:
             continue  # not reached by this model's forward pass
-        s = dilation_factors(fold.amax, headroom([c.weight for c in fold.consumers.values()]))
+        weight_before = float(consumer_column_amax(fold).max())
+        s = factors(fold)
         apply_fold(fold, s)
         summary["layers"][fold.name] = {
             "range_before": round(float(fold.amax.max()), 4),
             "range_after": round(float((fold.amax / s).max()), 4),
+            "weight_range_ratio": round(float(consumer_column_amax(fold).max()) / max(weight_before, 1e-30), 4),
             "max_factor": round(float(s.max()), 3),
+            "min_factor": round(float(s.min()), 3),
             "dilated_channels": int((s > 1.0 + 1e-6).sum()),
         }
     if probe is not None:
@@ -202,8 +216,29 @@ def dilate_unet(unet: nn.Module, calib: CalibrationSet, check: bool = True) -> d
         error = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
         summary["fold_check_max_rel_error"] = error
         if error > FOLD_CHECK_RTOL:
-            raise RuntimeError(f"weight dilation changed the FP output (relative error {error:.2e}); a fold is not exact for this model")
+            raise RuntimeError(f"a channel fold changed the FP output (relative error {error:.2e}); a fold is not exact for this model")
     ratios = [v["range_after"] / v["range_before"] for v in summary["layers"].values() if v["range_before"] > 0]
     summary["mean_range_ratio"] = round(sum(ratios) / len(ratios), 4) if ratios else 1.0
     unet.train(was_training)
     return summary
+
+
+def dilate_unet(unet: nn.Module, calib: CalibrationSet, check: bool = True) -> dict[str, Any]:
+    """DilateQuant: fold factors ``s_j >= 1`` that keep every consumer row's weight range."""
+    return fold_channel_factors(
+        unet, calib, lambda fold: dilation_factors(fold.amax, headroom([c.weight for c in fold.consumers.values()])), check
+    )
+
+
+def smoothing_factors(amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's ``s_j = amax_j^alpha / wmax_j^(1 - alpha)``: activation outliers move into the
+    weights by the balance ``alpha``; channels that never fire or have no weight keep ``s_j = 1``."""
+    amax, weight_amax = amax.float(), weight_amax.float()
+    live = (amax > 0) & (weight_amax > 0)
+    s = amax.clamp_min(1e-30).pow(alpha) / weight_amax.clamp_min(1e-30).pow(1.0 - alpha)
+    return torch.where(live, s.clamp(1e-4, 1e4), torch.ones_like(s))
+
+
+def smooth_unet(unet: nn.Module, calib: CalibrationSet, alpha: float, check: bool = True) -> dict[str, Any]:
+    """SmoothQuant-style smoothing through the same exact folds as dilation (weights may grow)."""
+    return fold_channel_factors(unet, calib, lambda fold: smoothing_factors(fold.amax, consumer_column_amax(fold), alpha), check)

@@ -119,6 +119,9 @@ def check_recipe(unet: nn.Module, recipe: Recipe, profile: TargetProfile) -> Non
         raise QuantConfigError(
             f"recipe {recipe.name}: rule pattern(s) {', '.join(map(repr, unmatched))} match no layer of the model"
         )
+    unknown = sorted(set(recipe.act8_selected) - set(names))
+    if unknown:
+        raise QuantConfigError(f"recipe {recipe.name}: act8_selected names layer(s) this model does not have: {', '.join(unknown[:3])}")
 
 
 def quantize_unet(unet: nn.Module, recipe: Recipe, profile: TargetProfile | None = None) -> QuantizedUNet:
@@ -138,6 +141,8 @@ def quantize_unet(unet: nn.Module, recipe: Recipe, profile: TargetProfile | None
             continue
         w_bits = (rule.weight_bits if rule and rule.weight_bits else None) or recipe.weight_bits
         a_bits = (rule.act_bits if rule and rule.act_bits else None) or recipe.act_bits
+        if name in recipe.act8_selected:  # quest.mixed_precision's choice
+            a_bits = max(a_bits, 8)
         is_conv = isinstance(module, nn.Conv2d)
         qmod = (QuantConv2d if is_conv else QuantLinear).from_float(module)
         qmod.weight_quantizer = WeightQuantizer(profile.weight_spec(w_bits), module.weight.shape[0])
@@ -165,6 +170,8 @@ def quantize_unet(unet: nn.Module, recipe: Recipe, profile: TargetProfile | None
             if rule is not None and not rule.quantize:
                 continue
             a_bits = (rule.act_bits if rule and rule.act_bits else None) or recipe.attention_bits or recipe.act_bits
+            if name in recipe.act8_selected:
+                a_bits = max(a_bits, 8)
             spec = profile.activation_spec(a_bits)
             probs_spec = profile.activation_spec(recipe.softmax_bits)
             module.set_processor(

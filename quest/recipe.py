@@ -76,6 +76,12 @@ class Recipe:
     grouping: str = "uniform"
     grouping_search: GroupingSearch = field(default_factory=GroupingSearch)  # grouping: searched settings
     weight_dilation: bool = False  # fold quest.dilation's exact channel rescale into the FP model first
+    # SmoothQuant-style channel smoothing (quest.dilation's folds, factors amax^a / wmax^(1-a)); None: off
+    smoothing_alpha: float | None = None
+    # MixDQ-style mixed precision: this many most activation-sensitive layers keep 8-bit activations
+    # (quest.mixed_precision); act8_selected records the layers once measured
+    act8_layers: int = 0
+    act8_selected: list[str] = field(default_factory=list)
     layers: list[LayerRule] = field(default_factory=list)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     finetune: FinetuneBlock = field(default_factory=FinetuneBlock)  # QuEST stages (resolved per model)
@@ -135,6 +141,13 @@ class Recipe:
             self.finetune.validate()
         except QuantConfigError as exc:
             raise QuantConfigError(f"recipe {self.name}: {str(exc).removeprefix('recipe ')}") from None
+        if self.smoothing_alpha is not None:
+            if isinstance(self.smoothing_alpha, bool) or not isinstance(self.smoothing_alpha, (int, float)) or not 0.0 < self.smoothing_alpha < 1.0:
+                raise QuantConfigError(f"recipe {self.name}: smoothing_alpha must be a number between 0 and 1 (0.5 is SmoothQuant's), got {self.smoothing_alpha!r}")
+            if self.weight_dilation:
+                raise QuantConfigError(f"recipe {self.name}: smoothing_alpha and weight_dilation rescale the same channels; use one of them")
+        if isinstance(self.act8_layers, bool) or not isinstance(self.act8_layers, int) or self.act8_layers < 0:
+            raise QuantConfigError(f"recipe {self.name}: act8_layers must be a whole number >= 0, got {self.act8_layers!r}")
         if not isinstance(self.weight_dilation, bool):
             raise QuantConfigError(f"recipe {self.name}: weight_dilation must be true or false, got {self.weight_dilation!r}")
 

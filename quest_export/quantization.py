@@ -9,6 +9,7 @@ Methods (all on the same model and calibration set):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -78,15 +79,37 @@ class FinetuneRun:
 
 
 def apply_fp_options(unet: torch.nn.Module, recipe: Recipe, calib: CalibrationSet) -> dict[str, Any]:
-    """Recipe options that transform the FP model before quantization (weight dilation)."""
-    if not recipe.weight_dilation:
+    """Recipe options that transform the FP model before quantization (weight dilation, smoothing)."""
+    from quest.dilation import dilate_unet, smooth_unet
+
+    if not recipe.weight_dilation and recipe.smoothing_alpha is None:
         return {}
-    from quest.dilation import dilate_unet
+    started = time.perf_counter()
+    if recipe.weight_dilation:
+        summary = dilate_unet(unet, calib)
+        summary["layers"] = {k: v for k, v in summary["layers"].items() if v["dilated_channels"]}
+        return {"weight_dilation": summary, "dilation_seconds": round(time.perf_counter() - started, 2)}
+    summary = smooth_unet(unet, calib, float(recipe.smoothing_alpha))
+    return {"smoothing": summary, "smoothing_seconds": round(time.perf_counter() - started, 2)}
+
+
+def select_mixed_precision(unet: torch.nn.Module, recipe: Recipe, calib: CalibrationSet, loop) -> tuple[Recipe, dict[str, Any]]:
+    """``act8_layers: K``: rank the layers by activation sensitivity on a PTQ-calibrated copy of the
+    (already transformed) FP ``unet`` and record the worst K in the recipe. No-op when K is 0 or the
+    recipe already records its selection (a resumed run, a loaded checkpoint)."""
+    if recipe.act8_layers == 0 or recipe.act8_selected:
+        return recipe, {}
+    from quest.mixed_precision import activation_sensitivity, layer_macs, mixed_precision_report, select_act8_layers
 
     started = time.perf_counter()
-    summary = dilate_unet(unet, calib)
-    summary["layers"] = {k: v for k, v in summary["layers"].items() if v["dilated_channels"]}
-    return {"weight_dilation": summary, "dilation_seconds": round(time.perf_counter() - started, 2)}
+    probe = quantize_unet(copy.deepcopy(unet), recipe)
+    calibrate(probe, loop)
+    ranking = activation_sensitivity(probe, calib)
+    del probe
+    selected = select_act8_layers(ranking, recipe.act8_layers)
+    report = mixed_precision_report(ranking, selected, layer_macs(unet, calib))
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return replace(recipe, act8_selected=selected), {"mixed_precision": report}
 
 
 def init_grouping(qunet: QuantizedUNet, fp_unet: torch.nn.Module | None, calib: CalibrationSet, loop, seed: int) -> dict[str, Any]:
@@ -111,7 +134,11 @@ def quantize_with_method(
     unet = model.pipeline.unet
     loop = forward_loop_for(calib)
     started = time.perf_counter()
+    if method == "modelopt" and recipe.act8_layers:
+        raise UserError("recipe act8_layers needs --method quest, ptq or ptq-timestep (ModelOpt calibrates its own bit-widths)")
     options = apply_fp_options(unet, recipe, calib)
+    recipe, chosen = select_mixed_precision(unet, recipe, calib, loop)
+    options |= chosen
     if method == "quest":
         run = run or FinetuneRun()
         settings = recipe.finetune.settings(class_conditional=model.traits.class_conditional)
