@@ -81,6 +81,7 @@ class Recipe:
     # MixDQ-style mixed precision: this many most activation-sensitive layers keep 8-bit activations
     # (quest.mixed_precision); act8_selected records the layers once measured
     act8_layers: int = 0
+    act8_rows: int = 128  # calibration rows (stratified over timesteps) each layer's measurement runs
     act8_selected: list[str] = field(default_factory=list)
     layers: list[LayerRule] = field(default_factory=list)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
@@ -146,8 +147,9 @@ class Recipe:
                 raise QuantConfigError(f"recipe {self.name}: smoothing_alpha must be a number between 0 and 1 (0.5 is SmoothQuant's), got {self.smoothing_alpha!r}")
             if self.weight_dilation:
                 raise QuantConfigError(f"recipe {self.name}: smoothing_alpha and weight_dilation rescale the same channels; use one of them")
-        if isinstance(self.act8_layers, bool) or not isinstance(self.act8_layers, int) or self.act8_layers < 0:
-            raise QuantConfigError(f"recipe {self.name}: act8_layers must be a whole number >= 0, got {self.act8_layers!r}")
+        for value, what, least in ((self.act8_layers, "act8_layers", 0), (self.act8_rows, "act8_rows", 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise QuantConfigError(f"recipe {self.name}: {what} must be a whole number >= {least}, got {value!r}")
         if not isinstance(self.weight_dilation, bool):
             raise QuantConfigError(f"recipe {self.name}: weight_dilation must be true or false, got {self.weight_dilation!r}")
 

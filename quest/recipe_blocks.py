@@ -87,6 +87,24 @@ class StageOverride:
     scale_lr: float | None = None
     local_loss_weight: float | None = None
 
+    def __post_init__(self) -> None:
+        """Numbers are numbers by the time a long job reads them. YAML reads ``1e-4`` (no dot) as a
+        string, which Adam would only reject after PTQ; it is taken as the number it spells."""
+        for key in ("weight_lr", "scale_lr", "local_loss_weight"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise QuantConfigError(f"recipe finetune stage {self.name!r}: {key} must be a number, got {value!r}") from None
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise QuantConfigError(f"recipe finetune stage {self.name!r}: {key} must be a number >= 0, got {value!r}")
+            setattr(self, key, None if value is None else float(value))
+        for key, least in (("steps", 0), ("batch_size", 1)):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise QuantConfigError(f"recipe finetune stage {self.name!r}: {key} must be a whole number >= {least}, got {value!r}")
+
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 

@@ -104,7 +104,7 @@ def select_mixed_precision(unet: torch.nn.Module, recipe: Recipe, calib: Calibra
     started = time.perf_counter()
     probe = quantize_unet(copy.deepcopy(unet), recipe)
     calibrate(probe, loop)
-    ranking = activation_sensitivity(probe, calib)
+    ranking = activation_sensitivity(probe, calib, max_rows=recipe.act8_rows)
     del probe
     selected = select_act8_layers(ranking, recipe.act8_layers)
     report = mixed_precision_report(ranking, selected, layer_macs(unet, calib))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 16: what limits W4A4 on digits, one cause per row, and the 4-bit activation methods.
-# Usage: scripts/w4a4_study.sh [causes|methods|seeds|report] (RESULTS=out/w4a4; rows whose eval JSON
+# Usage: scripts/w4a4_study.sh [causes|methods|best|report] (RESULTS=out/w4a4; rows whose eval JSON
 # exists are skipped). Same protocol as the README's results: 500 samples, 20 DDIM steps, seed 0.
 set -euo pipefail
 QE=${QE:-.venv/bin/quest-export}
@@ -49,13 +49,49 @@ causes() {
   run quest-tensorrt --method quest
   run quest-onnxruntime --method quest --target onnxruntime
   run quest-weight-lr-1e-4 --method quest --recipe "$(recipe weight-lr-1e-4 stage.weight_lr=1e-4)"
-  run quest-4x-steps --method quest --recipe "$(recipe 4x-steps 'stage.steps*=4')"
+  run quest-2x-steps --method quest --recipe "$(recipe 2x-steps 'stage.steps*=2')"
   run quest-groups-20 --method quest --timestep-groups 20
-  run quest-groups-5 --method quest --timestep-groups 5
-  run blockwise-onnxruntime --method quest --loss blockwise --target onnxruntime
+}
+
+methods() {
+  run quest-act8-4 --method quest --recipe "$(recipe act8-4 act8_layers=4)"
+  run quest-smooth-0.5 --method quest --recipe "$(recipe smooth-0.5 smoothing_alpha=0.5)"
+  run blockwise-act8-8-onnxruntime --method quest --loss blockwise --target onnxruntime --recipe "$(recipe act8-8 act8_layers=8)"
+  run quest-act8-8 --method quest --recipe "$(recipe act8-8 act8_layers=8)"
+}
+
+# what helped, together: the unsigned grid, 8-bit activations where they hurt most, block-wise distillation,
+# 10x the weight learning rate (block-wise runs one stage, so its learning rate is set on that stage)
+best() {
+  local ft='finetune={seed: 0, checkpoint_every: 50, stages: [{name: blockwise, weight_lr: 1.0e-4}]}'
+  run blockwise-act8-8-lr-1e-4-onnxruntime --method quest --loss blockwise --target onnxruntime \
+    --recipe "$(recipe act8-8-blockwise-lr act8_layers=8 "$ft")"
+  run quest-act8-8-lr-1e-4-onnxruntime --method quest --target onnxruntime --recipe "$(recipe act8-8-lr act8_layers=8 stage.weight_lr=1.0e-4)"
+}
+
+report() {
+  "$PY" - "$RESULTS" <<'PYEOF'
+import json, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+print("| row | target | FID seed 0 | x FP | label acc. | PSNR vs FP (dB) | ptq s + finetune s |")
+print("|---|---|---:|---:|---:|---:|---|")
+fp = json.loads((work / "fp-seed0.json").read_text())["fid"]
+for path in sorted(work.glob("*-seed0.json")):
+    if path.name.startswith("fp-"):
+        continue
+    m = json.loads(path.read_text())
+    meta = json.loads((work / path.name.removesuffix("-seed0.json") / "quant.json").read_text())
+    t = meta["timings"]
+    print(f"| {path.name.removesuffix('-seed0.json')} | {meta['target']} | {m['fid']:.2f} | {m['fid'] / fp:.2f} | "
+          f"{m['label_accuracy']:.3f} | {m['psnr_vs_fp']:.2f} | {t.get('ptq_seconds', 0):.0f} + {t.get('finetune_seconds', 0):.0f} |")
+PYEOF
 }
 
 case "${1:-causes}" in
   causes) prepare; causes ;;
-  *) echo "usage: $0 causes" >&2; exit 2 ;;
+  methods) prepare; methods ;;
+  best) prepare; best ;;
+  report) report ;;
+  *) echo "usage: $0 causes|methods|best|report" >&2; exit 2 ;;
 esac

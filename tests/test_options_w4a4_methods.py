@@ -130,3 +130,19 @@ def test_act8_layers_is_refused_with_modelopt(run_cli, tiny_sd_dir: Path, tmp_pa
     recipe.write_text("target: tensorrt\nact8_layers: 2\n")
     result = run_cli("finetune", "--model", tiny_sd_dir, "--bits", "w8a8", "--method", "modelopt", "--recipe", recipe, "--out", tmp_path / "c")
     assert_one_line_error(result, contains="act8_layers")
+
+
+def test_stage_learning_rates_written_as_yaml_reads_them_are_numbers(tmp_path: Path) -> None:
+    from quest.recipe import load_recipe
+
+    path = tmp_path / "lr.yaml"
+    path.write_text("finetune:\n  stages:\n    - {name: temporal, weight_lr: 1e-4, scale_lr: 2.0e-3, steps: 3}\n")
+    settings = load_recipe("digits", "w4a4", path).finetune.settings(class_conditional=True)
+    temporal = next(s for s in settings.stages if s.name == "temporal")
+    assert temporal.weight_lr == pytest.approx(1e-4) and isinstance(temporal.weight_lr, float) and temporal.scale_lr == 2e-3
+    path.write_text("finetune:\n  stages:\n    - {name: temporal, weight_lr: fast}\n")
+    with pytest.raises(QuantConfigError, match="weight_lr must be a number"):
+        load_recipe("digits", "w4a4", path)
+    path.write_text("finetune:\n  stages:\n    - {name: temporal, batch_size: 0}\n")
+    with pytest.raises(QuantConfigError, match="batch_size must be a whole number >= 1"):
+        load_recipe("digits", "w4a4", path)

@@ -130,9 +130,16 @@ def _run_simulation(qunet: QuantizedUNet, inputs: ParityInputs, names: set[str],
             x = args[0]
             scale = mod.sample_scale(x)
             if on_codes is not None:
-                position = (x / scale).detach()
-                tie = (position - position.floor() - 0.5).abs().cpu().numpy()  # 0 at the half-way point
-                on_codes(_name, mod.codes(x).detach().cpu().numpy(), tie)
+                # x / s once, in place: codes (int16) and tie distances (0 at the half-way point)
+                # of a 64x64 softmax would otherwise take four float copies of 0.5 GB each
+                position = torch.div(x.detach(), scale)
+                if hasattr(mod, "spec"):  # quantize_codes, on the one copy of x / s
+                    codes = torch.round(position).add_(mod.zero_point).clamp_(mod.spec.qmin, mod.spec.qmax).to(torch.int16)
+                else:
+                    codes = mod.codes(x).detach().to(torch.int16)
+                tie = position.sub_(position.floor()).sub_(0.5).abs_()
+                on_codes(_name, codes.cpu().numpy(), tie.cpu().numpy())
+                del position, codes, tie
             if _name not in graph_codes or graph_codes[_name].shape != tuple(x.shape):
                 return None
             return (torch.from_numpy(graph_codes[_name]).to(x.dtype) - mod.zero_point) * scale
@@ -233,6 +240,9 @@ def _weight_agreement(model: onnx.ModelProto, record: QuantizedTensor, qunet: Qu
             "max_code_diff": int(np.abs(stored - want).max()) if same else None}
 
 
+_COMPARE_BLOCK = 1 << 24  # elements per comparison block
+
+
 class _CodeStats:
     """Agreement of one quantizer's codes, accumulated over the samples."""
 
@@ -245,13 +255,16 @@ class _CodeStats:
         if got.shape != want.shape:
             self.same_shape = False
             return
-        got, want = got.astype(np.int32), want.astype(np.int32)
-        differ = got != want
-        self.total += differ.size
-        self.equal += differ.size - int(differ.sum())
-        if differ.any():
-            self.max_diff = max(self.max_diff, int(np.abs(got - want).max()))
-            self.max_tie = max(self.max_tie, float(tie[differ].max()))
+        got, want, tie = got.reshape(-1), want.reshape(-1), tie.reshape(-1)
+        for start in range(0, got.size, _COMPARE_BLOCK):  # bounded temporaries: a 64x64 softmax has 134M codes
+            block = slice(start, start + _COMPARE_BLOCK)
+            g, w = got[block].astype(np.int32), want[block].astype(np.int32)
+            differ = g != w
+            self.total += differ.size
+            self.equal += differ.size - int(differ.sum())
+            if differ.any():
+                self.max_diff = max(self.max_diff, int(np.abs(g - w).max()))
+                self.max_tie = max(self.max_tie, float(tie[block][differ].max()))
 
     def entry(self) -> dict[str, Any]:
         return {"code_agreement": self.equal / self.total if self.same_shape and self.total else (1.0 if self.same_shape else 0.0),
