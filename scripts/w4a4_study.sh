@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 16: what limits W4A4 on digits, one cause per row, and the 4-bit activation methods.
-# Usage: scripts/w4a4_study.sh [causes|methods|best|report] (RESULTS=out/w4a4; rows whose eval JSON
+# Usage: scripts/w4a4_study.sh [causes|methods|best|seeds|report] (RESULTS=out/w4a4; rows whose eval JSON
 # exists are skipped). Same protocol as the README's results: 500 samples, 20 DDIM steps, seed 0.
 set -euo pipefail
 QE=${QE:-.venv/bin/quest-export}
@@ -69,6 +69,11 @@ best() {
   run quest-act8-8-lr-1e-4-onnxruntime --method quest --target onnxruntime --recipe "$(recipe act8-8-lr act8_layers=8 stage.weight_lr=1.0e-4)"
 }
 
+# the chosen rows at other noise seeds (SEED=1, SEED=2): the FP model and the rows, same protocol
+seeds() {
+  run quest-act8-8 --method quest --recipe "$(recipe act8-8 act8_layers=8)"
+}
+
 report() {
   "$PY" - "$RESULTS" <<'PYEOF'
 import json, sys
@@ -92,6 +97,7 @@ case "${1:-causes}" in
   causes) prepare; causes ;;
   methods) prepare; methods ;;
   best) prepare; best ;;
+  seeds) prepare; seeds ;;
   report) report ;;
-  *) echo "usage: $0 causes|methods|best|report" >&2; exit 2 ;;
+  *) echo "usage: $0 causes|methods|best|seeds|report" >&2; exit 2 ;;
 esac
