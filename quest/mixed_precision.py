@@ -23,27 +23,23 @@ from torch import nn
 from quest.calibration import CalibrationSet
 from quest.quantize import QuantizedUNet, set_quantizers_enabled
 from quest.quantizers import ActivationQuantizer, TiedOutputQuantizer
-from quest.sensitivity import _quantizer_prefix, _restore, _snapshot, fp_reference, output_error, stratified_rows
+from quest.sensitivity import isolated_measurement, output_error, quantizer_prefix
 
 
 def _low_bit_activation_quantizers(qunet: QuantizedUNet, layer: str) -> list[nn.Module]:
     """The layer's activation quantizers narrower than 8 bits (what an 8-bit rule would widen)."""
-    prefix = _quantizer_prefix(qunet, layer)
+    prefix = quantizer_prefix(qunet, layer)
     return [m for n, m in qunet.unet.named_modules()
             if n.startswith(prefix) and isinstance(m, (ActivationQuantizer, TiedOutputQuantizer)) and m.spec.bits < 8]
 
 
 @torch.no_grad()
-def activation_sensitivity(qunet: QuantizedUNet, calib: CalibrationSet, max_rows: int = 256, batch_size: int = 64) -> list[dict[str, Any]]:
+def activation_sensitivity(qunet: QuantizedUNet, calib: CalibrationSet, max_rows: int = 128, batch_size: int = 64) -> list[dict[str, Any]]:
     """Output MSE vs FP with only one layer's low-bit activation quantizers on, per layer; worst first.
 
     ``qunet`` must be calibrated. Enabled flags and train/eval mode are restored exactly.
     """
-    calib = stratified_rows(calib, max_rows)
-    state, was_training = _snapshot(qunet), qunet.unet.training
-    qunet.unet.eval()
-    try:
-        reference = fp_reference(qunet, calib, batch_size)
+    with isolated_measurement(qunet, calib, max_rows, batch_size) as (calib, reference):
         results = []
         for layer in qunet.layers:
             quantizers = _low_bit_activation_quantizers(qunet, layer)
@@ -56,9 +52,6 @@ def activation_sensitivity(qunet: QuantizedUNet, calib: CalibrationSet, max_rows
                 qunet.unet.get_submodule(f"{layer}.input_quantizer").enabled = True  # a tied output follows its input
             mse, _ = output_error(qunet, calib, reference, batch_size)
             results.append({"layer": layer, "kind": qunet.layers[layer].kind, "mse": mse})
-    finally:
-        _restore(qunet, state)
-        qunet.unet.train(was_training)
     return sorted(results, key=lambda r: r["mse"], reverse=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -52,14 +53,14 @@ def group_layers(qunet: QuantizedUNet, patterns: tuple[str, ...] | list[str]) ->
     return [name for name in qunet.layers if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 
-def _quantizer_prefix(qunet: QuantizedUNet, layer: str) -> str:
+def quantizer_prefix(qunet: QuantizedUNet, layer: str) -> str:
     """Attention layers own only their processor's quantizers (their projections are Linear layers)."""
     return f"{layer}.processor." if qunet.layers[layer].kind == "attention" else f"{layer}."
 
 
 def group_quantizers(qunet: QuantizedUNet, layers: list[str]) -> list[str]:
     """Names of the quantizer modules that belong to ``layers``."""
-    prefixes = tuple(_quantizer_prefix(qunet, layer) for layer in layers)
+    prefixes = tuple(quantizer_prefix(qunet, layer) for layer in layers)
     return [name for name, _ in _quantizers(qunet) if prefixes and name.startswith(prefixes)]
 
 
@@ -88,7 +89,7 @@ def _restore(qunet: QuantizedUNet, state: dict[str, bool]) -> None:
 def _enable_only(qunet: QuantizedUNet, layers: list[str]) -> int:
     """Bypass every quantizer, then enable those of ``layers``; returns how many were enabled."""
     set_quantizers_enabled(qunet, False)
-    return sum(set_quantizers_enabled(qunet, True, _quantizer_prefix(qunet, layer) + "*") for layer in layers)
+    return sum(set_quantizers_enabled(qunet, True, quantizer_prefix(qunet, layer) + "*") for layer in layers)
 
 
 def stratified_rows(calib: CalibrationSet, max_rows: int | None) -> CalibrationSet:
@@ -190,20 +191,29 @@ def measure_sensitivity(
     ``qunet`` must already be calibrated. Groups that match no quantized layer are skipped. The
     quantizers' enabled flags and the train/eval mode are restored afterwards, exactly.
     """
-    calib = stratified_rows(calib, max_rows)
-    state, was_training = _snapshot(qunet), qunet.unet.training
-    qunet.unet.eval()
-    try:
-        reference = fp_reference(qunet, calib, batch_size)
+    with isolated_measurement(qunet, calib, max_rows, batch_size) as (calib, reference):
         results = []
         for group, patterns in LAYER_GROUPS.items():
             layers = group_layers(qunet, patterns)
             if layers:
                 results.append(_measure_group(qunet, calib, reference, group, layers, batch_size))
+    return sorted(results, key=lambda r: r["mse"], reverse=True)
+
+
+@contextmanager
+def isolated_measurement(qunet: QuantizedUNet, calib: CalibrationSet, max_rows: int | None,
+                         batch_size: int = 64) -> Iterator[tuple[CalibrationSet, list[torch.Tensor]]]:
+    """The setting of every "switch some quantizers on alone" measurement: yields the stratified
+    rows and the FP outputs on them, in eval mode; enabled flags and train/eval mode are restored
+    exactly afterwards, whatever the caller switched."""
+    calib = stratified_rows(calib, max_rows)
+    state, was_training = _snapshot(qunet), qunet.unet.training
+    qunet.unet.eval()
+    try:
+        yield calib, fp_reference(qunet, calib, batch_size)
     finally:
         _restore(qunet, state)
         qunet.unet.train(was_training)
-    return sorted(results, key=lambda r: r["mse"], reverse=True)
 
 
 def sensitivity_report(results: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quest.calibration import CalibrationSet
+from fold_inputs import label_like_calibration, unet_output
 from quest.checkpoint import load_checkpoint, save_checkpoint
 from quest.dilation import apply_fold, dilate_unet, find_folds, headroom
 from quest.ptq import calibrate
@@ -20,21 +20,6 @@ from quest_export.models.resolve import load_model
 @pytest.fixture(scope="module")
 def digits_unet():
     return load_model("digits").pipeline.unet.eval()
-
-
-def _calibration(dtype: torch.dtype = torch.float32, rows: int = 8) -> CalibrationSet:
-    """Label-like states and noisy images at a spread of timesteps."""
-    g = torch.Generator().manual_seed(3)
-    t = torch.tensor([950, 700, 400, 50]).repeat(rows // 4)
-    x = torch.randn(rows, 1, 16, 16, generator=g, dtype=dtype)
-    cond, uncond = (torch.randn(rows, 4, 32, generator=g, dtype=dtype) for _ in range(2))
-    return CalibrationSet(x, t, cond, uncond)
-
-
-def _output(unet, calib: CalibrationSet) -> torch.Tensor:
-    x, t, states = calib.unet_inputs(torch.arange(len(calib)))
-    with torch.no_grad():
-        return unet(x, t, encoder_hidden_states=states).sample
 
 
 def test_folds_cover_the_transformer_and_skip_inputs_after_silu(digits_unet) -> None:
@@ -51,24 +36,24 @@ def test_folds_cover_the_transformer_and_skip_inputs_after_silu(digits_unet) -> 
 def test_every_fold_is_output_preserving_in_fp64(digits_unet) -> None:
     """Random factors far larger than dilation would pick: the folds alone must be exact."""
     unet = copy.deepcopy(digits_unet).double()
-    calib = _calibration(torch.float64)
-    reference = _output(unet, calib)
+    calib = label_like_calibration(torch.float64)
+    reference = unet_output(unet, calib)
     g = torch.Generator().manual_seed(0)
     for fold in find_folds(unet):
         apply_fold(fold, 1.0 + 3.0 * torch.rand(fold.channels, generator=g, dtype=torch.float64))
-    changed = _output(unet, calib)
+    changed = unet_output(unet, calib)
     assert not torch.equal(unet.state_dict()["mid_block.attentions.0.norm.weight"], digits_unet.state_dict()["mid_block.attentions.0.norm.weight"].double())
     assert torch.allclose(changed, reference, rtol=0, atol=1e-11 * reference.abs().max().item())
 
 
 def test_dilation_keeps_weight_ranges_and_shrinks_activation_ranges(digits_unet) -> None:
     unet = copy.deepcopy(digits_unet).double()
-    calib = _calibration(torch.float64)
-    reference = _output(unet, calib)
+    calib = label_like_calibration(torch.float64)
+    reference = unet_output(unet, calib)
     row_max = {n: m.weight.detach().abs().flatten(1).amax(1).clone() for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     summary = dilate_unet(unet, calib)
     assert summary["fold_check_max_rel_error"] < 1e-10
-    assert torch.allclose(_output(unet, calib), reference, rtol=0, atol=1e-11 * reference.abs().max().item())
+    assert torch.allclose(unet_output(unet, calib), reference, rtol=0, atol=1e-11 * reference.abs().max().item())
     folds = find_folds(unet)
     row_producers = {id(f.producer) for f in folds if f.kind == "rows"}
     for fold in folds:
@@ -90,7 +75,7 @@ def test_headroom_is_the_smallest_row_slack() -> None:
 
 def test_dilated_checkpoint_reloads_to_identical_outputs(digits_unet, tmp_path: Path) -> None:
     unet = copy.deepcopy(digits_unet)
-    calib = _calibration()
+    calib = label_like_calibration()
     dilate_unet(unet, calib)
     q = quantize_unet(unet, Recipe(weight_bits=4, act_bits=8, target="tensorrt", timestep_groups=4, weight_dilation=True))
 
@@ -100,7 +85,7 @@ def test_dilated_checkpoint_reloads_to_identical_outputs(digits_unet, tmp_path: 
                 model(x, t, encoder_hidden_states=s)
 
     calibrate(q, loop)
-    expected = _output(unet, calib)
+    expected = unet_output(unet, calib)
     save_checkpoint(tmp_path, q, {"model": {"name": "digits", "source": "digits", "content_hash": None}, "method": "quest"})
     restored = load_checkpoint(tmp_path, copy.deepcopy(digits_unet))  # built from the undilated FP model
-    assert torch.equal(_output(restored.unet, calib), expected)
+    assert torch.equal(unet_output(restored.unet, calib), expected)

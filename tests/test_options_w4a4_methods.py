@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error
-from quest.calibration import CalibrationSet
+from fold_inputs import label_like_calibration, unet_output
 from quest.dilation import consumer_column_amax, find_folds, observe_channel_ranges, smooth_unet, smoothing_factors
 from quest.errors import QuantConfigError
 from quest.mixed_precision import activation_sensitivity, layer_macs, select_act8_layers
@@ -27,20 +27,6 @@ def digits_unet():
     return load_model("digits").pipeline.unet.eval()
 
 
-def _calibration(dtype: torch.dtype = torch.float32, rows: int = 8) -> CalibrationSet:
-    g = torch.Generator().manual_seed(3)
-    t = torch.tensor([950, 700, 400, 50]).repeat(rows // 4)
-    x = torch.randn(rows, 1, 16, 16, generator=g, dtype=dtype)
-    cond, uncond = (torch.randn(rows, 4, 32, generator=g, dtype=dtype) for _ in range(2))
-    return CalibrationSet(x, t, cond, uncond)
-
-
-def _output(unet, calib: CalibrationSet) -> torch.Tensor:
-    x, t, states = calib.unet_inputs(torch.arange(len(calib)))
-    with torch.no_grad():
-        return unet(x, t, encoder_hidden_states=states).sample
-
-
 def test_smoothing_factors_follow_smoothquant_and_leave_dead_channels() -> None:
     amax, wmax = torch.tensor([4.0, 1.0, 0.0, 9.0]), torch.tensor([1.0, 4.0, 2.0, 0.0])
     s = smoothing_factors(amax, wmax, 0.5)
@@ -50,11 +36,11 @@ def test_smoothing_factors_follow_smoothquant_and_leave_dead_channels() -> None:
 
 def test_smoothing_is_exact_and_balances_activation_and_weight_channels(digits_unet) -> None:
     unet = copy.deepcopy(digits_unet).double()
-    calib = _calibration(torch.float64)
-    reference = _output(unet, calib)
+    calib = label_like_calibration(torch.float64)
+    reference = unet_output(unet, calib)
     summary = smooth_unet(unet, calib, alpha=0.5)
     assert summary["fold_check_max_rel_error"] < 1e-10 and summary["folds"] == len(find_folds(unet))
-    assert torch.allclose(_output(unet, calib), reference, rtol=0, atol=1e-11 * reference.abs().max().item())
+    assert torch.allclose(unet_output(unet, calib), reference, rtol=0, atol=1e-11 * reference.abs().max().item())
     assert any(v["weight_range_ratio"] > 1.0 for v in summary["layers"].values())  # unlike dilation, weights may grow
     folds = find_folds(unet)
     observe_channel_ranges(unet, folds, calib)
@@ -68,16 +54,16 @@ def test_smoothing_is_exact_and_balances_activation_and_weight_channels(digits_u
 
 def test_activation_sensitivity_ranks_every_low_bit_layer_and_restores_flags(digits_unet) -> None:
     unet = copy.deepcopy(digits_unet)
-    calib = _calibration(rows=8)
+    calib = label_like_calibration(rows=8)
     recipe = Recipe(weight_bits=4, act_bits=4, target="tensorrt", timestep_groups=2,
                     layers=[LayerRule("conv_in", act_bits=8)])
     qunet = quantize_unet(unet, recipe)
     calibrate(qunet, lambda m: [m(x, t, encoder_hidden_states=s) for x, t, s in calib.batches(8)])
     before = {n: m.enabled for n, m in qunet.unet.named_modules() if hasattr(m, "enabled")}
-    expected = _output(qunet.unet, calib)
+    expected = unet_output(qunet.unet, calib)
     ranking = activation_sensitivity(qunet, calib, max_rows=8)
     assert {n: m.enabled for n, m in qunet.unet.named_modules() if hasattr(m, "enabled")} == before
-    assert torch.equal(_output(qunet.unet, calib), expected)
+    assert torch.equal(unet_output(qunet.unet, calib), expected)
     names = [r["layer"] for r in ranking]
     assert len(names) == len(set(names)) == len(qunet.layers) - 1  # every layer but conv_in (already 8-bit)
     assert [r["mse"] for r in ranking] == sorted((r["mse"] for r in ranking), reverse=True) and ranking[0]["mse"] > 0
