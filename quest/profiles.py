@@ -14,12 +14,15 @@ from quest.errors import QuantConfigError
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """An integer grid: codes in [qmin, qmax], zero point fixed at 0 when symmetric."""
+    """An integer grid: codes in [qmin, qmax], zero point fixed at 0 when symmetric; and the float
+    precision the exported graph stores its scales in ("fp16": the simulation quantizes with the
+    FP16-rounded scales the engine reads, see quest.quantizers.graph_scale_table)."""
 
     bits: int
     signed: bool
     symmetric: bool
     narrow: bool = False
+    scale_precision: str = "fp32"
 
     @property
     def qmin(self) -> int:
@@ -76,12 +79,14 @@ class TargetProfile:
         """Per-output-channel weights: symmetric, signed, narrow range (zero point 0), both targets,
         at most ``max_weight_bits`` wide."""
         self.check_bits(bits, "weight")
-        return QuantSpec(min(bits, self.max_weight_bits), signed=True, symmetric=True, narrow=True)
+        return QuantSpec(min(bits, self.max_weight_bits), signed=True, symmetric=True, narrow=True,
+                         scale_precision=self.graph_precision)
 
     def activation_spec(self, bits: int) -> QuantSpec:
         """Per-tensor activations on the target's integer type (full range, as QuantizeLinear saturates)."""
         self.check_bits(bits, "activation")
-        return QuantSpec(bits, signed=self.activation_signed, symmetric=self.activation_symmetric)
+        return QuantSpec(bits, signed=self.activation_signed, symmetric=self.activation_symmetric,
+                         scale_precision=self.graph_precision)
 
     def check_bits(self, bits: int, what: str) -> None:
         if not self.min_bits <= bits <= self.max_bits:
@@ -109,10 +114,13 @@ TENSORRT = TargetProfile(
     conv_output_quantizers=False,
     graph_precision="fp16",
     graph_rules="tensorrt",
+    # 2: scales quantize as the FP16 numbers the FP16 graph stores (the reference scale and the
+    # per-timestep factors each rounded to FP16), not as the FP32 values finetuning learned
+    revision=2,
     description=(
         "TensorRT explicit quantization: symmetric INT8 Q/DQ (zero point 0), per-channel weights, "
         "per-tensor activations, inputs of Conv/MatMul quantized and outputs not; sub-8-bit grids in "
-        "INT8 containers (activations clipped to the grid)."
+        "INT8 containers (activations clipped to the grid); scales as FP16 numbers (the graph is FP16)."
     ),
 )
 
@@ -147,7 +155,28 @@ ONNXRUNTIME = TargetProfile(
     ),
 )
 
-PROFILES: dict[str, TargetProfile] = {p.name: p for p in (TENSORRT, ONNXRUNTIME)}
+OPENVINO = TargetProfile(
+    name="openvino",
+    # OpenVINO's CPU plugin turns each Q -> DQ pair into a FakeQuantize and runs Conv / MatMul
+    # between FakeQuantizes as oneDNN int8 kernels when the ranges are constants: per-timestep tables
+    # therefore use the constant-scale rescaling construction (as TensorRT), not gathered scales,
+    # which it leaves in float and cannot broadcast.
+    activation_signed=True,
+    activation_symmetric=True,
+    conv_output_quantizers=False,
+    # oneDNN runs signed activations as u8 (shifted by 128) times s8 weights; without VNNI those
+    # kernels add u8*s8 pairs in a saturating int16 like ONNX Runtime's (see ONNXRUNTIME), so
+    # weights stay within [-63, 63] to compute the same integers on every x86 class
+    max_weight_bits=7,
+    description=(
+        "OpenVINO CPU: symmetric INT8 Q/DQ with constant scales (FakeQuantize -> oneDNN int8 "
+        "Convolution / FullyConnected / MatMul), per-channel weights at most 7 bits wide ([-63, 63], "
+        "exact with and without VNNI), per-tensor activations, attention matmul inputs quantized, "
+        "FP32 graph; sub-8-bit grids in INT8 containers."
+    ),
+)
+
+PROFILES: dict[str, TargetProfile] = {p.name: p for p in (TENSORRT, ONNXRUNTIME, OPENVINO)}
 
 
 def get_profile(name: str) -> TargetProfile:

@@ -74,6 +74,42 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     return torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
 
+def _as_fp16(x: torch.Tensor) -> torch.Tensor:
+    """The nearest FP16 number (round half to even, as numpy's and the ONNX converter's casts), in FP32."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def straight_through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` forward, identity gradient to ``x`` (a rounding the optimiser should see through)."""
+    return x + (value - x).detach()
+
+
+def graph_scale_table(table: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s0, factors, effective)``: how an exported graph holds a per-timestep scale table.
+
+    A graph with constant Q/DQ scales (TensorRT) quantizes group ``g`` as ``x * f[g] -> Q(s0)``
+    with ``s0`` the table's geometric mean (factors stay near 1) and ``f[g] = s0 / s[g]``, so the
+    scale it really applies is ``s0 / f[g]``. In an FP32 graph that is the table itself. An FP16
+    graph stores ``s0`` and ``f`` as FP16 numbers, which moves each scale by up to 2^-11 of itself
+    (0.06 steps at code 127, enough to move 2-3% of large softmax codes): ``effective`` is then
+    ``s0 / f`` of those FP16 numbers, and the simulation quantizes with it. One entry: ``s0`` is
+    the scale (rounded in FP16), ``f`` is 1. The exporter writes ``s0`` and ``f`` from here, so both
+    sides read one definition.
+    """
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"unknown scale precision {precision!r}")
+    t = table.detach().float()
+    if t.numel() == 1:
+        s0 = t.reshape(()) if precision == "fp32" else _as_fp16(t.reshape(()))
+        return s0, torch.ones_like(t), s0.reshape(t.shape)
+    s0 = torch.exp(torch.log(t.double()).mean()).float()
+    if precision == "fp32":
+        return s0, s0 / t, t
+    s0 = _as_fp16(s0)
+    factors = _as_fp16(s0 / t)
+    return s0, factors, s0 / factors
+
+
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Integer codes (as float) of ``x``: what QuantizeLinear would output."""
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
@@ -90,8 +126,15 @@ class WeightQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(num_channels), requires_grad=False)
         self.enabled = True
 
+    def graph_scale(self) -> torch.Tensor:
+        """The per-channel scales as the graph stores them (FP16-rounded in an FP16 graph), with
+        identity gradient to the learned FP32 scales."""
+        if self.spec.scale_precision == "fp32":
+            return self.scale
+        return straight_through(self.scale, _as_fp16(self.scale.detach()))
+
     def _shaped_scale(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.scale.view(-1, *([1] * (weight.dim() - 1)))
+        return self.graph_scale().view(-1, *([1] * (weight.dim() - 1)))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -150,10 +193,17 @@ class ActivationQuantizer(nn.Module):
             groups = groups.repeat_interleave(batch // groups.numel())
         return groups
 
+    def graph_table(self) -> torch.Tensor:
+        """The scale each timestep group really quantizes with in the exported graph
+        (:func:`graph_scale_table`), with identity gradient to the learned table."""
+        if self.spec.scale_precision == "fp32":
+            return self.scale
+        return straight_through(self.scale, graph_scale_table(self.scale, self.spec.scale_precision)[2])
+
     def sample_scale(self, x: torch.Tensor) -> torch.Tensor:
         """Scale per sample, shaped to broadcast over ``x`` (batch on dim 0)."""
         groups = self.current_groups(x.shape[0], x.device)
-        return self.scale[groups].view(-1, *([1] * (x.dim() - 1)))
+        return self.graph_table()[groups].view(-1, *([1] * (x.dim() - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
@@ -183,6 +233,9 @@ class TiedOutputQuantizer(nn.Module):
 
     def __init__(self, spec: QuantSpec, input_quantizer: ActivationQuantizer) -> None:
         super().__init__()
+        if spec.scale_precision != "fp32" or input_quantizer.spec.scale_precision != "fp32":
+            # its exported scale s0 * r would need the same FP16 treatment; no FP16 target has one
+            raise ValueError("tied output quantizers exist only on FP32-scale targets")
         self.spec = spec
         self.log_ratio = nn.Parameter(torch.zeros(()))
         self.register_buffer("zero_point", torch.zeros(()))

@@ -284,7 +284,7 @@ def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Quantized checkpoint directory (quant.safetensors + quant.json).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for model.onnx, manifest.json, parity.json.")],
     target: Annotated[str, typer.Option("--target", help="tensorrt (FP16 graph, symmetric INT8 Q/DQ) or onnxruntime (uint8 activations, fused integer kernels).")] = "onnxruntime",
-    timestep_scales: Annotated[str, typer.Option("--timestep-scales", help="table (one graph, per-timestep factors gathered by the timestep input) or per-engine (one graph per timestep group).")] = "table",
+    timestep_scales: Annotated[str, typer.Option("--timestep-scales", help="table (one graph, per-timestep factors gathered by the timestep input) or per-engine (one graph per timestep group; on tensorrt each group's scale is then one FP16 number, within 2^-11 of the finetuned table form).")] = "table",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the graph against the PyTorch simulation and write parity.json.")] = True,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Calibration directory for the parity inputs [default: two fresh FP trajectories].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,

@@ -136,18 +136,20 @@ def test_kernel_class_names_the_integer_kernel_family() -> None:
     assert kernel_class({"avx2"}) == "avx2"
 
 
-def test_a_checkpoint_of_an_older_profile_revision_is_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    """A revision-1 onnxruntime checkpoint simulated 8-bit weights the engine no longer builds."""
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_a_checkpoint_of_an_older_profile_revision_is_refused(checkpoints: dict[str, Path], tmp_path: Path, target: str) -> None:
+    """Revision 1 of onnxruntime simulated 8-bit weights the engine no longer builds; revision 1 of
+    tensorrt quantized with FP32 scales where the FP16 graph holds FP16 ones."""
     from quest_export.quantization import load_quantized
 
     ckpt = tmp_path / "old"
-    shutil.copytree(checkpoints["onnxruntime"], ckpt)
+    shutil.copytree(checkpoints[target], ckpt)
     meta = json.loads((ckpt / "quant.json").read_text())
     assert meta["target_revision"] == 2
     meta.pop("target_revision")  # as written before revisions existed
     meta.pop("document_sha256", None)
     (ckpt / "quant.json").write_text(json.dumps(seal_document(meta)))
-    with pytest.raises(UserError, match="revision 1 of the onnxruntime target.*re-run quest-export finetune"):
+    with pytest.raises(UserError, match=f"revision 1 of the {target} target.*re-run quest-export finetune"):
         load_quantized(ckpt)
 
 

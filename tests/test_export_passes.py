@@ -9,23 +9,55 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from quest.quantizers import quantize_codes
+from quest.quantizers import ActivationQuantizer, graph_scale_table, quantize_codes
+from quest.profiles import TENSORRT
 from quest.timesteps import TimestepContext, uniform_group_lookup
 from quest_export.export.lint import lint_tensorrt
 from quest_export.export.parity import ort_session
 from quest_export.export.passes import fold_constants, to_fp16
-from quest_export.export.timestep_tables import TimestepGroups, reference_scale, rescale_factors
+from quest_export.export.timestep_tables import TimestepGroups
 
 
 def test_rescaling_gives_the_codes_of_the_per_timestep_scale() -> None:
-    table = np.array([0.013, 0.021, 0.034, 0.055], np.float32)
-    s0 = reference_scale(table)
-    factors = rescale_factors(table, s0)
+    table = torch.tensor([0.013, 0.021, 0.034, 0.055])
+    s0, factors, effective = graph_scale_table(table, "fp32")
+    assert torch.equal(effective, table)
     x = torch.randn(4, 20000) * 2
     for g in range(4):
-        want = quantize_codes(x[g], torch.tensor(float(table[g])), torch.tensor(0.0), -128, 127)
-        got = quantize_codes(x[g] * float(factors[g]), torch.tensor(s0), torch.tensor(0.0), -128, 127)
+        want = quantize_codes(x[g], table[g], torch.tensor(0.0), -128, 127)
+        got = quantize_codes(x[g] * factors[g], s0, torch.tensor(0.0), -128, 127)
         assert (got == want).float().mean() > 0.9999
+
+
+def test_fp16_graph_scales_are_fp16_numbers_and_the_simulation_uses_their_quotient() -> None:
+    """In an FP16 graph s0 and f are FP16 numbers: the simulation's scale is s0 / f, not the table,
+    and on large codes that is what makes FP16 x * f -> Q(s0) agree with it."""
+    table = torch.tensor([0.0131, 0.0217, 0.0342, 0.0551])
+    s0, factors, effective = graph_scale_table(table, "fp16")
+    assert float(s0) == float(s0.half()) and torch.equal(factors, factors.half().float())
+    assert torch.allclose(effective, s0 / factors) and not torch.equal(effective, table)
+    assert torch.allclose(effective, table, rtol=2**-10)
+    quantizer = ActivationQuantizer(TENSORRT.activation_spec(8), num_groups=4)
+    assert quantizer.spec.scale_precision == "fp16"
+    with torch.no_grad():
+        quantizer.scale.copy_(table)
+    assert torch.equal(quantizer.graph_table(), effective)
+    # the engine's arithmetic on an FP16 input (as parity feeds it), near the top of the grid where
+    # a scale error moves most codes: x * f rounds to FP16, then Q(s0)
+    x = ((torch.rand(4, 20000) * 120 + 5) * table[:, None]).half().float()
+    engine = torch.round((x.half() * factors[:, None].half()).float() / s0).clamp(-128, 127)
+    simulated = quantize_codes(x, effective[:, None], torch.tensor(0.0), -128, 127)
+    unrounded = quantize_codes(x, table[:, None], torch.tensor(0.0), -128, 127)
+    agree, before = (engine == simulated).float().mean(1), (engine == unrounded).float().mean(1)
+    assert bool((agree > 0.985).all()) and agree.mean() > before.mean() + 0.003
+    # one group: no factor, Q(s0) with the FP16 scale is exactly what the simulation computes
+    for value in (0.0131, 0.019323980435729027, 3.3e-3):  # one entry: no factor, the FP16 scale itself
+        one, factor, scale = graph_scale_table(torch.tensor([value]), "fp16")
+        assert float(factor) == 1.0 and float(scale) == float(one) == float(torch.tensor(value).half())
+    single, _, single_effective = graph_scale_table(table[:1], "fp16")
+    codes = torch.round(x[0] / single).clamp(-128, 127)
+    assert torch.equal(codes, quantize_codes(x[0], single_effective, torch.tensor(0.0), -128, 127))
+    assert not torch.equal(codes, quantize_codes(x[0], table[0], torch.tensor(0.0), -128, 127))
 
 
 def test_group_subgraph_maps_any_timestep_like_the_simulation() -> None:

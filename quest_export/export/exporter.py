@@ -63,7 +63,12 @@ def parity_inputs(qunet, model, calibration: Path | None) -> parity.ParityInputs
 @contextmanager
 def _scales_of_group(qunet, group: int | None) -> Iterator[None]:
     """Collapse every scale table to one group's entry (``--timestep-scales per-engine``) for the
-    duration of the block, then put the tables back: one loaded model serves every group."""
+    duration of the block, then put the tables back: one loaded model serves every group.
+
+    The entry is the scale the table graph applies (``graph_table``). An FP16 graph stores it as
+    one FP16 number, so a tensorrt per-engine graph quantizes with a scale up to 2^-11 of itself
+    away from what finetuning simulated (the table form holds it exactly); parity checks the graph
+    against the simulation with that entry."""
     if group is None:
         yield
         return
@@ -71,7 +76,7 @@ def _scales_of_group(qunet, group: int | None) -> Iterator[None]:
     for _, module in qunet.activation_quantizers():
         if hasattr(module, "scale") and module.scale.numel() > 1:
             saved.append((module, module.scale.data))
-            module.scale.data = module.scale.data[group : group + 1].clone()
+            module.scale.data = module.graph_table().detach()[group : group + 1].clone()
     try:
         yield
     finally:

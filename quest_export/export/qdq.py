@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from quest.profiles import TargetProfile
-from quest.quantizers import ActivationQuantizer, TiedOutputQuantizer, WeightQuantizer
+from quest.quantizers import ActivationQuantizer, TiedOutputQuantizer, WeightQuantizer, graph_scale_table
 from quest_export.errors import UserError
 from quest_export.export.markers import MARK_DOMAIN, MARK_OP
 from quest_export.export.passes import redirect, to_model
-from quest_export.export.timestep_tables import TimestepGroups, reference_scale, rescale_factors
+from quest_export.export.timestep_tables import TimestepGroups
 
 LINEAR_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
@@ -172,12 +172,14 @@ class QDQBuilder:
                          outputs=[out])
         return final.name
 
-    def _table(self, quantizer: ActivationQuantizer) -> tuple[np.ndarray, float]:
+    def _table(self, quantizer: ActivationQuantizer) -> tuple[np.ndarray, float, np.ndarray]:
+        """``(table, s0, factors)``: the constant scale and per-group factors the graph stores,
+        from the same definition the simulation quantizes with (quest.quantizers.graph_scale_table)."""
         table = quantizer.scale.detach().double().cpu().numpy()
         if not np.all(np.isfinite(table)) or not np.all(table > 0):
             raise ExportError(f"activation scales {table.tolist()} are not all positive and finite; the checkpoint is damaged")
-        s0 = reference_scale(table) if table.size > 1 else float(table[0])
-        return table, s0
+        s0, factors, _ = graph_scale_table(quantizer.scale.detach().cpu(), quantizer.spec.scale_precision)
+        return table, float(s0), factors.numpy().astype(np.float32)
 
     def _linear_consumers(self, start: gs.Variable, name: str) -> list[gs.Node]:
         """The Conv/MatMul/Gemm nodes a rescaled activation reaches through layout-only ops."""
@@ -225,7 +227,7 @@ class QDQBuilder:
             raise ExportError(f"{name}: weight is not a constant initializer")
         weight = torch.from_numpy(np.array(source.values, dtype=np.float32))
         codes = quantizer.codes(weight).numpy().astype(np.int8)
-        scales = quantizer.scale.detach().float().cpu().numpy()
+        scales = quantizer.graph_scale().detach().float().cpu().numpy()
         if not np.all(scales > 0) or not np.all(np.isfinite(scales)):
             raise ExportError(f"{name}: weight scales are not all positive and finite; the checkpoint is damaged")
         axis = 0
@@ -254,14 +256,14 @@ class QDQBuilder:
         source = x.name
         node.inputs.clear()
         node.outputs.clear()
-        table, s0 = self._table(quantizer)
+        table, s0, factors = self._table(quantizer)
         if table.size > 1 and self.runtime_scales:
             codes = self._runtime_qdq(name, x, out, table, s0, float(quantizer.zero_point), quantizer.spec)
         elif table.size > 1:
             rank = self.ranks.get(out.name)
             if rank is None:
                 raise ExportError(f"{name}: cannot infer the rank of its tensor")
-            factor = self.groups.factor(rescale_factors(table, s0), rank, f"{name}.timestep_factor")
+            factor = self.groups.factor(factors, rank, f"{name}.timestep_factor")
             x = self.graph.layer(op="Mul", name=f"{name}/Rescale", inputs=[x, factor],
                                  outputs=[gs.Variable(f"{name}.rescaled")])[0]
             codes = self._qdq(name, x, out, s0, float(quantizer.zero_point), quantizer.spec)
@@ -270,7 +272,7 @@ class QDQBuilder:
         consumers = self._linear_consumers(out, name)
         if table.size > 1:
             for linear in consumers:
-                self._inverse.setdefault(linear.name, []).append(rescale_factors(table, s0))
+                self._inverse.setdefault(linear.name, []).append(factors)
                 self._linear_nodes[linear.name] = linear
         self.records.append(QuantizedTensor(
             name, "activation", quantizer.spec.bits, quantizer.spec.signed, "per-tensor",
@@ -283,12 +285,12 @@ class QDQBuilder:
             raise ExportError(f"{name}: output quantizer does not follow a Conv/MatMul")
         node.inputs.clear()
         node.outputs.clear()
-        table, s0 = self._table(quantizer.input_quantizer)
+        table, s0, factors = self._table(quantizer.input_quantizer)
         scale = s0 * float(quantizer.log_ratio.detach().exp())
         codes = self._qdq(name, y, out, scale, float(quantizer.zero_point), quantizer.spec)
         self._output_markers[producer.name] = out
         self._output_dq[producer.name] = (out.inputs[0], scale, float(quantizer.zero_point))
-        unscale = (1.0 / rescale_factors(table, s0)).tolist() if table.size > 1 else None
+        unscale = (1.0 / factors).tolist() if table.size > 1 else None
         self.records.append(QuantizedTensor(
             name, "output", quantizer.spec.bits, quantizer.spec.signed, "per-tensor",
             "int8" if quantizer.spec.signed else "uint8", int(table.size), codes, [producer.name], y.name, unscale))

@@ -4,23 +4,14 @@ Q/DQ scales must be constants, so a quantizer with scale table ``s[g]`` is expor
 constant scale ``s0`` and a per-sample factor ``f[g] = s0 / s[g]`` gathered by the UNet's own
 ``timestep`` input: ``Q(x * f; s0) == Q(x; s_g)`` and a linear op's output is divided by the same
 factor afterwards. The group index comes from a constant 1000-entry timestep -> group lookup, so
-the engine needs no extra input and any scheduler or step count works.
+the engine needs no extra input and any scheduler or step count works. ``s0`` and ``f`` come
+from quest.quantizers.graph_scale_table, the definition the simulation quantizes with.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-
-def reference_scale(table: np.ndarray) -> float:
-    """The constant Q/DQ scale: the geometric mean of the table, so factors stay near 1."""
-    return float(np.exp(np.log(table.astype(np.float64)).mean()))
-
-
-def rescale_factors(table: np.ndarray, s0: float) -> np.ndarray:
-    """``f[g] = s0 / s[g]``: multiplying by ``f`` turns scale ``s[g]`` into ``s0``."""
-    return (np.float32(s0) / table.astype(np.float32)).astype(np.float32)
 
 
 class TimestepGroups:
