@@ -283,7 +283,7 @@ def train_demo_cmd(
 def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Quantized checkpoint directory (quant.safetensors + quant.json).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for model.onnx, manifest.json, parity.json.")],
-    target: Annotated[str, typer.Option("--target", help="tensorrt (FP16 graph, symmetric INT8 Q/DQ) or onnxruntime (uint8 activations, fused integer kernels).")] = "onnxruntime",
+    target: Annotated[str, typer.Option("--target", help="tensorrt (FP16 graph, symmetric INT8 Q/DQ), onnxruntime (uint8 activations, fused integer kernels) or openvino (symmetric INT8 Q/DQ, constant scales, FP32 graph).")] = "onnxruntime",
     timestep_scales: Annotated[str, typer.Option("--timestep-scales", help="table (one graph, per-timestep factors gathered by the timestep input) or per-engine (one graph per timestep group; on tensorrt each group's scale is then one FP16 number, within 2^-11 of the finetuned table form).")] = "table",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the graph against the PyTorch simulation and write parity.json.")] = True,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Calibration directory for the parity inputs [default: two fresh FP trajectories].")] = None,
@@ -304,7 +304,7 @@ def export_cmd(
 def build_engine_cmd(
     source: Annotated[Path, typer.Argument(help="Exported ONNX directory, or a quantized checkpoint (exported first).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Engine directory to write (e.g. engines/digits-w4a8).")],
-    backend: Annotated[str, typer.Option("--backend", help="tensorrt (NVIDIA GPU with TensorRT) or onnxruntime (anywhere).")] = "onnxruntime",
+    backend: Annotated[str, typer.Option("--backend", help="tensorrt (NVIDIA GPU with TensorRT), onnxruntime (anywhere) or openvino (x86/ARM CPUs; builds openvino-target exports).")] = "onnxruntime",
     profile: Annotated[str, typer.Option("--profile", help="Build profile: a name in engines/ (digits, sd15-512, bench-unet) or a YAML path.")] = "digits",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the built engine against the PyTorch simulation on this host and refuse it if it computes something else.")] = True,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Calibration directory for the verification inputs [default: fresh FP trajectories].")] = None,
@@ -342,29 +342,32 @@ def verify_engine_cmd(
 
 @app.command()
 def bench(
-    engine: Annotated[Optional[Path], typer.Option("--engine", help="An onnxruntime engine directory to time against its FP32 engine.")] = None,
+    engine: Annotated[Optional[Path], typer.Option("--engine", help="An onnxruntime or openvino engine directory to time against the float engines of its UNet.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="bench-unet: the built-in SD1.5-shaped UNet, PTQ-quantized on the spot.")] = None,
     bits: Annotated[str, typer.Option("--bits", help="bench-unet only: weight/activation bits (w8a8, w4a8).")] = "w8a8",
-    threads: Annotated[int, typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads for both engines.")] = 2,
+    backend: Annotated[str, typer.Option("--backend", help="bench-unet only: the engine backend to quantize for and build (onnxruntime or openvino).")] = "onnxruntime",
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Intra-op threads for every engine timed.")] = 2,
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
     iterations: Annotated[int, typer.Option("--iterations", min=1)] = 15,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the measurements JSON here.")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="Also print where the time goes (ONNX Runtime's profiler, ms per op type, both engines) and the speedup ceiling that sets.")] = False,
 ) -> None:
-    """Median latency per UNet call of a quantized engine vs the FP32 engine of the same UNet on the
-    same backend, measured in this run, and the file size ratio."""
+    """Median latency per UNet call of a quantized engine vs the float engines of the same UNet
+    (ONNX Runtime FP32, OpenVINO FP32 and native reduced precisions), measured in this run, the
+    ratio to the fastest FP32 engine, and the file size ratio."""
     from quest_export.artifacts import write_json_atomic
     from quest_export.engine.bench import bench_engine_dir, bench_unet, check_bench_request
 
-    check_bench_request(engine, model, bits)
+    check_bench_request(engine, model, bits, backend)
     if json_out is not None:
         json_out = cli_process.prepare_out_file(json_out)
     if model is not None:
-        result = bench_unet(bits, threads, warmup, iterations, log=lambda line: typer.echo(line, err=True), profile=profile)
+        result = bench_unet(bits, threads, warmup, iterations, log=lambda line: typer.echo(line, err=True), profile=profile,
+                            backend=backend)
     else:
         result = bench_engine_dir(engine, threads, warmup, iterations, profile=profile)
     cli_output.print_bench(result, str(result.get("engine") or f"bench-unet {bits}"))
-    if profile:
+    if profile and "profile" in result:
         cli_output.print_op_profile(result["profile"])
         cli_output.print_ceiling(result["ceiling"])
     if json_out is not None:

@@ -84,11 +84,20 @@ def print_sensitivity(results: list[dict]) -> None:
 
 
 def print_bench(result: dict, label: str) -> None:
-    table = Table(title="latency per UNet call (median)")
-    for column in ("engine", "quantized ms", "FP32 ms", "speedup", "size ratio"):
+    """The engine and every float baseline, each with its ratio to the engine (>1: the engine is faster)."""
+    table = Table(title=f"latency per UNet call (median) - {label}")
+    for column in ("engine", "ms", "engine speedup vs it", "size"):
         table.add_column(column)
-    table.add_row(label, f"{result['latency_ms']:.1f}", f"{result['fp32_latency_ms']:.1f}", f"{result['speedup']:.2f}x", f"{result['size_ratio']:.3f}")
+    table.add_row(f"quantized ({result.get('backend', '')})", f"{result['latency_ms']:.1f}", "", f"{result['size_ratio']:.3f}x FP32 ONNX")
+    for name, entry in result["baselines"].items():
+        best = " (fastest FP32)" if name == result["best_fp32"] else ""
+        table.add_row(f"{name}{best}", f"{entry['latency_ms']:.1f}", f"{entry['ratio']:.2f}x", "")
     console.print(table)
+    kernels = result.get("integer_kernels") or {}
+    if "kernel_precisions" in kernels:
+        console.print(f"layers by runtime precision: {kernels['kernel_precisions']}")
+    console.print(f"speedup vs the fastest FP32 engine ({result['best_fp32']}): {result['speedup_vs_best_fp32']:.2f}x; "
+                  f"vs the fastest float engine ({result['best_float']}): {result['speedup_vs_best_float']:.2f}x")
 
 
 def built_line(manifest: dict, out) -> str:

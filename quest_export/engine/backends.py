@@ -8,7 +8,7 @@ engine graph or None)``, ``open_runner(directory, manifest, threads)`` (an objec
 ``run(sample, timestep, encoder_hidden_states) -> tensor`` on torch tensors) and
 ``device_description()`` (what the engine's kernels depend on, recorded in the manifest and compared
 when the engine is loaded). Modules are imported lazily: TensorRT need not be installed to use
-ONNX Runtime.
+ONNX Runtime, and OpenVINO only for its own engines.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ BACKENDS: dict[str, Backend] = {
                 description="TensorRT plan (NVIDIA GPU)"),
         Backend("onnxruntime", target="onnxruntime", device="cpu", module="quest_export.engine.onnxruntime_backend",
                 description="ONNX Runtime offline-optimised model (CPU integer kernels)"),
+        Backend("openvino", target="openvino", device="cpu", module="quest_export.engine.openvino_backend",
+                description="OpenVINO compiled model (CPU plugin, oneDNN integer kernels)"),
     )
 }
 

@@ -1,8 +1,11 @@
-"""``quest-export bench``: latency per UNet call of an engine vs the FP32 engine of the same UNet,
-on the same backend, measured in one run (alternating blocks of calls after warm-up), plus the size ratio.
+"""``quest-export bench``: latency per UNet call of an engine vs the float engines a CPU user could
+run instead (ONNX Runtime FP32, OpenVINO FP32, OpenVINO in the reduced float precisions the CPU
+computes natively), all of the same UNet, measured in one run (blocks of calls in rotating order
+after warm-up), plus the size ratio.
 
-The FP32 engine gets every ONNX Runtime optimisation that is not quantization (attention and
-GELU fusions, constant folding), so the ratio is what quantization buys.
+The ONNX Runtime FP32 engine gets every optimisation that is not quantization (attention and GELU
+fusions, constant folding); OpenVINO compiles the same FP32 graph. The ratio to the fastest of them
+is what quantization buys over the best float engine on the host.
 """
 
 from __future__ import annotations
@@ -32,29 +35,37 @@ def _timed(run: Callable[[], Any]) -> float:
 BLOCK = 5
 
 
+def measure_engines(runs: dict[str, Callable[[], Any]], warmup: int, iterations: int,
+                    block: int = BLOCK) -> dict[str, dict[str, Any]]:
+    """Median milliseconds per call of each engine in ``runs``, over ``iterations`` timed calls each.
+
+    Calls run in blocks, engine after engine, the order rotated every round (so a load change on
+    the machine hits all alike), and the first call of every block is not timed: after a call,
+    ONNX Runtime's and OpenVINO's intra-op threads keep spinning for a while, and a call of another
+    engine started in that window competes with them for the cores. Timing strictly alternating
+    calls measured both engines 1.7-1.9x slower than either runs alone (digits, 2 threads)."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    while any(len(t) < iterations for t in times.values()):
+        for name in order:
+            run = runs[name]
+            run()  # absorbs the previous engine's spinning threads
+            times[name] += [_timed(run) for _ in range(min(block, iterations - len(times[name])))]
+        order = order[1:] + order[:1]
+    return {name: {"latency_ms": statistics.median(t), "latency_ms_spread": [min(t), max(t)]} for name, t in times.items()}
+
+
 def measure(quantized: Callable[[], Any], fp32: Callable[[], Any], warmup: int, iterations: int,
             block: int = BLOCK) -> dict[str, float]:
-    """Median milliseconds per call of each engine, over ``iterations`` timed calls each.
-
-    Calls run in alternating blocks (so a load change on the machine hits both alike), and the
-    first call of every block is not timed: after a call, ONNX Runtime's intra-op threads keep
-    spinning for a while, and a call of the other session started in that window competes with them
-    for the cores. Timing strictly alternating calls measured both engines 1.7-1.9x slower than
-    either runs alone (digits, 2 threads)."""
-    for _ in range(warmup):
-        quantized()
-        fp32()
-    times: dict[str, list[float]] = {"q": [], "f": []}
-    order = [("q", quantized), ("f", fp32)]
-    while len(times["q"]) < iterations:
-        for key, run in order:
-            run()  # absorbs the other session's spinning threads
-            times[key] += [_timed(run) for _ in range(min(block, iterations - len(times[key])))]
-        order.reverse()
-    q_times, f_times = times["q"], times["f"]
-    q, f = statistics.median(q_times), statistics.median(f_times)
+    """:func:`measure_engines` for one engine and one FP32 engine, as ``latency_ms`` /
+    ``fp32_latency_ms`` / ``speedup``."""
+    both = measure_engines({"q": quantized, "f": fp32}, warmup, iterations, block)
+    q, f = both["q"]["latency_ms"], both["f"]["latency_ms"]
     return {"latency_ms": q, "fp32_latency_ms": f, "speedup": f / q,
-            "latency_ms_spread": [min(q_times), max(q_times)], "fp32_latency_ms_spread": [min(f_times), max(f_times)]}
+            "latency_ms_spread": both["q"]["latency_ms_spread"], "fp32_latency_ms_spread": both["f"]["latency_ms_spread"]}
 
 
 def op_profile(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], threads: int, calls: int = 8) -> dict[str, dict[str, float]]:
@@ -136,27 +147,74 @@ def fp32_engine(source: Path, directory: Path, ort_settings: dict[str, Any]) -> 
     return out / onnxruntime_backend.MODEL_FILE, graph_bytes(source)
 
 
-def bench_sessions(engine_model: Path, fp32_source: Path, feeds: dict[str, np.ndarray], threads: int,
-                   warmup: int, iterations: int, profile: bool = False) -> dict[str, Any]:
-    """Time the quantized engine against the FP32 engine built here from the FP32 graph saved at
-    ``fp32_source`` (graphs on disk, not in memory: an SD1.5 FP32 graph is 3.4 GB)."""
+def float_baselines(fp32_source: Path, directory: Path, threads: int) -> dict[str, tuple[Callable[..., Any], int]]:
+    """The float engines a CPU user could run instead, built from the FP32 graph: ONNX Runtime
+    FP32 (every optimisation but quantization), OpenVINO FP32, and OpenVINO in each reduced float
+    precision this CPU computes natively (bf16 on AVX512_BF16/AMX). Name -> (call on numpy
+    inputs, engine bytes); OpenVINO's entries only where it is installed."""
     settings = {"intra_op_threads": threads, "memory_arena": True}
+    fp32_model, _ = fp32_engine(fp32_source, directory, settings)
+    options = onnxruntime_backend.session_options(threads, True, optimize=False)
+    session = inference_session(storage.engine_session_source(str(fp32_model)), options, ["CPUExecutionProvider"])
+    baselines: dict[str, tuple[Callable[..., Any], int]] = {"onnxruntime-fp32": (lambda feeds: session.run(None, feeds), graph_bytes(fp32_model))}
+    try:
+        from quest_export.engine import openvino_backend
+
+        openvino_backend.require()
+    except UserError:
+        return baselines
+    for precision in ["f32", *openvino_backend.native_float_precisions()]:
+        compiled = openvino_backend.compile_onnx(fp32_source, threads, precision)
+        request = compiled.create_infer_request()
+        blob = compiled.export_model()
+        size = len(blob.getvalue()) if hasattr(blob, "getvalue") else len(blob)
+        name = "openvino-fp32" if precision == "f32" else f"openvino-{precision}"
+        baselines[name] = ((lambda feeds, request=request: request.infer(feeds)), size)
+    return baselines
+
+
+def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: str, engine_bytes: int, fp32_source: Path,
+                            feeds: dict[str, np.ndarray], threads: int, warmup: int, iterations: int,
+                            ort_engine_model: Path | None = None, profile: bool = False) -> dict[str, Any]:
+    """Time the quantized engine against every float baseline (:func:`float_baselines`) in one
+    run. ``speedup`` is against the FP32 engine of the engine's own backend,
+    ``speedup_vs_best_fp32`` against the fastest FP32 engine, ``speedup_vs_best_float`` against the
+    fastest of all (reduced precisions included). ``--profile`` (ONNX Runtime engines) adds where
+    each engine's time goes."""
+    fp32_onnx_bytes = graph_bytes(fp32_source)
     with tempfile.TemporaryDirectory(prefix="quest-bench-") as tmp:
-        fp32_model, fp32_onnx_bytes = fp32_engine(fp32_source, Path(tmp), settings)
-        options = onnxruntime_backend.session_options(threads, True, optimize=False)
-        q_model, f_model = storage.engine_session_source(str(engine_model)), storage.engine_session_source(str(fp32_model))
-        q_session = inference_session(q_model, options, ["CPUExecutionProvider"])
-        f_session = inference_session(f_model, options, ["CPUExecutionProvider"])
-        fp32_engine_bytes = graph_bytes(fp32_model)
-        result = measure(lambda: q_session.run(None, feeds), lambda: f_session.run(None, feeds), warmup, iterations)
-        if profile:
+        baselines = float_baselines(fp32_source, Path(tmp), threads)
+        runs = {"engine": lambda: engine_call(feeds), **{name: (lambda call=call: call(feeds)) for name, (call, _) in baselines.items()}}
+        timed = measure_engines(runs, warmup, iterations)
+        result: dict[str, Any] = {}
+        if profile and ort_engine_model is not None:
+            fp32_model = Path(tmp) / "fp32-engine" / onnxruntime_backend.MODEL_FILE
+            q_model, f_model = storage.engine_session_source(str(ort_engine_model)), storage.engine_session_source(str(fp32_model))
             result["profile"] = {"quantized": op_profile(q_model, feeds, threads), "fp32": op_profile(f_model, feeds, threads)}
             result["ceiling"] = speed_ceiling(result["profile"])
-    engine_bytes = graph_bytes(Path(engine_model))
+        elif profile:
+            result["profile_note"] = f"the per-op profile reads ONNX Runtime's profiler; not available for {engine_backend} engines"
+    latency = timed["engine"]["latency_ms"]
+    table = {name: {"latency_ms": timed[name]["latency_ms"], "latency_ms_spread": timed[name]["latency_ms_spread"],
+                    "engine_bytes": size, "ratio": timed[name]["latency_ms"] / latency} for name, (_, size) in baselines.items()}
+    own = f"{engine_backend}-fp32" if f"{engine_backend}-fp32" in table else "onnxruntime-fp32"
+    best_fp32 = min((n for n in table if n.endswith("-fp32")), key=lambda n: table[n]["latency_ms"])
+    best_float = min(table, key=lambda n: table[n]["latency_ms"])
     result.update({
+        "latency_ms": latency,
+        "latency_ms_spread": timed["engine"]["latency_ms_spread"],
+        "fp32_engine": own,
+        "fp32_latency_ms": table[own]["latency_ms"],
+        "fp32_latency_ms_spread": table[own]["latency_ms_spread"],
+        "speedup": table[own]["latency_ms"] / latency,
+        "baselines": table,
+        "best_fp32": best_fp32,
+        "speedup_vs_best_fp32": table[best_fp32]["latency_ms"] / latency,
+        "best_float": best_float,
+        "speedup_vs_best_float": table[best_float]["latency_ms"] / latency,
         "engine_bytes": engine_bytes,
         "fp32_onnx_bytes": fp32_onnx_bytes,
-        "fp32_engine_bytes": fp32_engine_bytes,
+        "fp32_engine_bytes": table[own]["engine_bytes"],
         "size_ratio": engine_bytes / fp32_onnx_bytes,
         "threads": threads,
         "warmup": warmup,
@@ -167,19 +225,48 @@ def bench_sessions(engine_model: Path, fp32_source: Path, feeds: dict[str, np.nd
     return result
 
 
+def _engine_call(directory: Path, manifest: dict[str, Any], threads: int) -> Callable[[dict[str, np.ndarray]], Any]:
+    """The built engine in ``directory`` as bench calls it: numpy feeds in, the backend's own runner."""
+    from quest_export.engine.backends import backend_of_manifest
+
+    runner = backend_of_manifest(manifest).open_runner(directory, manifest, threads)
+    return lambda feeds: runner(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
+
+
+def engine_files_bytes(directory: Path, manifest: dict[str, Any]) -> int:
+    """The engine's model file(s) as stored (external weights included)."""
+    return graph_bytes(Path(directory) / manifest["model_file"]) if manifest["model_file"].endswith(".onnx") else \
+        (Path(directory) / manifest["model_file"]).stat().st_size
+
+
+def _build_for_bench(backend: str, onnx_path: Path, engine_dir: Path, threads: int) -> dict[str, Any]:
+    """Build ``backend``'s engine of ``onnx_path`` into ``engine_dir``; the manifest fields its
+    runner needs (bench-unet's engines are timed, not shipped, so they get no verification)."""
+    if backend == "onnxruntime":
+        fields, _ = onnxruntime_backend.build_model(onnx_path, engine_dir, {"intra_op_threads": threads}, keep_readable=False)
+    else:
+        from quest_export.engine.backends import get_backend
+
+        fields, _ = get_backend(backend).impl.build_model(onnx_path, engine_dir, threads)
+    return {**fields, "backend": backend, "profile": {"ort": {"intra_op_threads": threads}}}
+
+
 def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Callable[[str], None] = print,
-               profile: bool = False) -> dict[str, Any]:
-    """``--model bench-unet``: plain PTQ (one scale set) on random inputs, export with parity check,
-    ORT engine, timed against its FP32 engine."""
+               profile: bool = False, backend: str = "onnxruntime") -> dict[str, Any]:
+    """``--model bench-unet``: plain PTQ (one scale set) for ``backend``'s target on random inputs,
+    export with parity check, that backend's engine, timed against every float baseline."""
     import torch
 
     from quest.recipe import load_recipe
     from quest_export import api
+    from quest_export.engine.backends import get_backend
     from quest_export.export.exporter import linear_kernel_count
     from quest_export.export.kernels import integer_kernel_report
     from quest_export.models.bench_unet import BATCH, TOKENS, build_bench_unet, random_unet_inputs
     from quest_export.quantization import recipe_for_method
 
+    engine_backend = get_backend(backend)
+    engine_backend.require()
     started = time.perf_counter()
     recipe = recipe_for_method(load_recipe("bench-unet", bits), "ptq")
     calib = random_unet_inputs(8)
@@ -189,8 +276,8 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
             for i in range(0, 8, 4):
                 unet(calib[0][i : i + 4], calib[1][i : i + 4], encoder_hidden_states=calib[2][i : i + 4])
 
-    log(f"bench-unet {bits}: PTQ calibration ...")
-    qunet = api.quantize_unet(build_bench_unet(), recipe, "onnxruntime", forward_loop)
+    log(f"bench-unet {bits} for {backend}: PTQ calibration ...")
+    qunet = api.quantize_unet(build_bench_unet(), recipe, engine_backend.target, forward_loop)
     log("exporting and verifying against the simulation ...")
     exported = api.export_unet(qunet, random_unet_inputs(2, seed=2), batch=BATCH, tokens=TOKENS, check_optimized=False)
     check = exported.reports["model"]
@@ -203,60 +290,75 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
         save_graph(exported.graphs["model"], path)
         engine_dir = Path(tmp) / "engine"
         engine_dir.mkdir()
-        onnxruntime_backend.build_model(path, engine_dir, {"intra_op_threads": threads})
-        kernels = integer_kernel_report(path, linear_kernel_count(exported.records))
+        manifest = _build_for_bench(backend, path, engine_dir, threads)
+        if backend == "onnxruntime":
+            kernels = integer_kernel_report(path, linear_kernel_count(exported.records))
+        else:
+            kernels = {"integer_kernels": manifest["integer_kernels"], "quantized_linear_ops": linear_kernel_count(exported.records),
+                       "kernel_precisions": manifest["kernel_precisions"]}
         log(f"timing {iterations} calls each after {warmup} warm-up calls ...")
         save_graph(exported.float_graph, Path(tmp) / "fp32.onnx")
-        result = bench_sessions(engine_dir / onnxruntime_backend.MODEL_FILE, Path(tmp) / "fp32.onnx", feeds,
-                                threads, warmup, iterations, profile)
-    result.update({"model": "bench-unet", "bits": bits, "backend": "onnxruntime", "method": "ptq",
+        ort_model = engine_dir / onnxruntime_backend.MODEL_FILE if backend == "onnxruntime" else None
+        result = bench_against_baselines(_engine_call(engine_dir, manifest, threads), backend, engine_files_bytes(engine_dir, manifest),
+                                         Path(tmp) / "fp32.onnx", feeds, threads, warmup, iterations, ort_model, profile)
+    result.update({"model": "bench-unet", "bits": bits, "backend": backend, "method": "ptq",
                    "parity_min_code_agreement": check["min_code_agreement"], "integer_kernels": kernels,
                    "total_seconds": round(time.perf_counter() - started, 1)})
     return result
 
 
 def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int, profile: bool = False) -> dict[str, Any]:
-    """An ONNX Runtime engine directory against the FP32 engine of its source checkpoint's UNet."""
+    """A CPU engine directory (onnxruntime or openvino) against the float engines of its source
+    checkpoint's UNet."""
     import torch
 
-    from quest_export.engine.manifest import check_backend, read_engine_manifest
+    from quest_export.engine.manifest import read_engine_manifest
     from quest_export.engine.profiles import BuildProfile
     from quest_export.errors import UserError
     from quest_export.export import passes, trace
     from quest_export.quantization import load_quantized
 
     manifest = read_engine_manifest(directory)
-    check_backend(manifest, "onnxruntime")
+    if manifest["backend"] not in ("onnxruntime", "openvino"):
+        raise UserError(f"bench times CPU engines (onnxruntime, openvino); {directory} is a {manifest['backend']} engine")
     checkpoint = Path(manifest["source_checkpoint"]["path"])
     if not checkpoint.is_dir():
         raise UserError(f"the engine's source checkpoint {checkpoint} is gone; bench needs it to build the FP32 engine")
     _, qunet, _ = load_quantized(checkpoint)
-    profile = BuildProfile.from_dict(manifest["profile"])
+    profile_ = BuildProfile.from_dict(manifest["profile"])
     config = manifest["unet_config"]
     generator = torch.Generator().manual_seed(3)
-    batch, size, tokens = profile.batch.opt, profile.latent.opt, profile.tokens.opt
+    batch, size, tokens = profile_.batch.opt, profile_.latent.opt, profile_.tokens.opt
     feeds = {
         "sample": torch.randn(batch, config["in_channels"], size, size, generator=generator).numpy(),
         "timestep": torch.full((batch,), 500.0).numpy(),
         "encoder_hidden_states": torch.randn(batch, tokens, config["cross_attention_dim"], generator=generator).numpy(),
     }
     marked, _ = trace.trace_marked_graph(qunet, trace.example_inputs(qunet.unet, batch=batch, tokens=tokens))
-    del qunet  # from here on only graphs on disk and the two sessions are held
+    del qunet  # from here on only graphs on disk and the engines are held
     gc.collect()
+    ort_model = Path(directory) / manifest["model_file"] if manifest["backend"] == "onnxruntime" else None
     with tempfile.TemporaryDirectory(prefix="quest-bench-fp32-") as tmp:
         float_graph = passes.strip_markers(marked)
         del marked
         save_graph(float_graph, Path(tmp) / "fp32.onnx")
         del float_graph
-        result = bench_sessions(Path(directory) / manifest["model_file"], Path(tmp) / "fp32.onnx", feeds, threads, warmup,
-                                iterations, profile)
-    result.update({"engine": str(directory), "backend": "onnxruntime", "bits": manifest["source_checkpoint"].get("bits")})
+        result = bench_against_baselines(_engine_call(Path(directory), manifest, threads), manifest["backend"],
+                                         engine_files_bytes(Path(directory), manifest), Path(tmp) / "fp32.onnx", feeds,
+                                         threads, warmup, iterations, ort_model, profile)
+    if "kernel_precisions" in manifest:
+        result["integer_kernels"] = {"integer_kernels": manifest["integer_kernels"], "kernel_precisions": manifest["kernel_precisions"]}
+    result.update({"engine": str(directory), "backend": manifest["backend"], "bits": manifest["source_checkpoint"].get("bits")})
     return result
 
 
-def check_bench_request(engine: Path | None, model: str | None, bits: str) -> None:
-    """``bench`` times either a built engine or the built-in bench-unet at ``bits``."""
+def check_bench_request(engine: Path | None, model: str | None, bits: str, backend: str = "onnxruntime") -> None:
+    """``bench`` times either a built engine or the built-in bench-unet at ``bits`` on a CPU backend."""
     from quest.recipe import parse_bits
+    from quest_export.engine.backends import get_backend
+
+    if get_backend(backend).device != "cpu":
+        raise UserError(f"bench times CPU engines; --backend {backend} is not one (use onnxruntime or openvino)")
 
     if (engine is None) == (model is None):
         raise UserError("pass either --engine DIR or --model bench-unet")

@@ -39,6 +39,11 @@ def _cpuinfo() -> tuple[str | None, str | None, set[str]]:
     return vendor, model, flags
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (empty where /proc/cpuinfo is unreadable)."""
+    return _cpuinfo()[2]
+
+
 def kernel_class(flags: set[str]) -> str:
     """The integer-kernel family a CPU gets, best first (one word, for messages and comparisons)."""
     for name, needs in (("amx", {"amx_int8"}), ("avx512-vnni", {"avx512_vnni"}), ("avx-vnni", {"avx_vnni"}),

@@ -1,0 +1,155 @@
+"""OpenVINO backend: the exported ``openvino``-target Q/DQ graph compiled by OpenVINO's CPU plugin.
+
+OpenVINO reads the ONNX graph, turns every Q -> DQ pair into a FakeQuantize and, where the ranges
+are constants, runs the Convolution / FullyConnected / MatMul between them as oneDNN int8 kernels.
+Build compiles once for this CPU and saves the compiled model (``export_model``), so loading skips
+compilation and runs the kernels that were verified. A compiled blob belongs to the OpenVINO
+version and CPU it was compiled for: another version refuses it (rebuild), another CPU class
+re-verifies before its first call, like every CPU engine (runtime/engine_unet.py).
+
+Inference precision is pinned to f32: on CPUs with native BF16 (AVX512_BF16, AMX) OpenVINO would
+otherwise run every float op between the integer kernels in bf16, which the simulation does not.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quest_export.errors import UserError
+
+MODEL_FILE = "model.ov.blob"
+DEVICE = "CPU"
+# the layer types of OpenVINO's runtime model that carry a network's multiply-accumulates
+LINEAR_LAYER_TYPES = ("Convolution", "Deconvolution", "FullyConnected", "MatMul")
+
+
+def require() -> None:
+    _openvino()
+
+
+def _openvino():
+    """The ``openvino`` module, or one line naming the fix."""
+    try:
+        import openvino
+    except ImportError:
+        raise UserError("OpenVINO is not installed (pip install openvino, or `make setup`); "
+                        "use --backend onnxruntime on this machine") from None
+    return openvino
+
+
+def compile_config(threads: int = 0, precision: str = "f32") -> dict[str, Any]:
+    """Compile properties: one latency stream, ``threads`` intra-op threads (0: OpenVINO's
+    default), float ops in ``precision`` (f32 for engines; bench also times bf16/f16 baselines)."""
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
+def native_float_precisions() -> list[str]:
+    """Reduced float precisions this CPU computes natively in OpenVINO, for bench's baselines:
+    bf16 where the plugin reports it (AVX512_BF16, AMX), f16 only with AVX512-FP16 / AMX-FP16
+    (elsewhere OpenVINO accepts f16 but computes in f32)."""
+    from quest_export.engine.host import cpu_flags
+
+    ov = _openvino()
+    capabilities = set(ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+    native = ["bf16"] if "BF16" in capabilities else []
+    return native + (["f16"] if {"avx512_fp16", "amx_fp16"} & cpu_flags() else [])
+
+
+def compile_onnx(onnx_path: Path, threads: int = 0, precision: str = "f32"):
+    """Read and compile an ONNX file for this CPU; one line when OpenVINO cannot."""
+    ov = _openvino()
+    core = ov.Core()
+    try:
+        return core.compile_model(core.read_model(str(onnx_path)), DEVICE, compile_config(threads, precision))
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"OpenVINO could not compile {onnx_path}: {first}") from None
+
+
+def kernel_precisions(compiled) -> dict[str, int]:
+    """How many Convolution / FullyConnected / MatMul layers of the runtime model run in each
+    precision (``"Convolution u8": 49``...): what actually runs in integer after compilation."""
+    counts: collections.Counter[str] = collections.Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        layer = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+        if layer in LINEAR_LAYER_TYPES:
+            precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "unknown"
+            counts[f"{layer} {precision}"] += 1
+    return dict(sorted(counts.items()))
+
+
+def integer_kernel_count(precisions: dict[str, int]) -> int:
+    return sum(n for key, n in precisions.items() if key.rsplit(" ", 1)[-1] in ("i8", "u8"))
+
+
+def device_description() -> dict[str, Any]:
+    """The host CPU and the features its integer kernels depend on (engine/host.py)."""
+    from quest_export.engine.host import host_description
+
+    return host_description()
+
+
+def build(onnx_path: Path, out_dir: Path, profile: Any, unet_config: dict[str, Any] | None = None):
+    """The registry's build (engine/backends.py): :func:`build_model` with the profile's thread count
+    (its ``ort.intra_op_threads``: one CPU thread setting for both CPU backends)."""
+    return build_model(onnx_path, out_dir, int(profile.ort.get("intra_op_threads", 0)))
+
+
+def build_model(onnx_path: Path, out_dir: Path, threads: int = 0):
+    """Compile ``onnx_path`` and save the compiled model into ``out_dir``; returns the manifest
+    fields and None (a compiled model exposes no ONNX graph for the kernel-level check: the engine
+    is verified free-running, engine/verify.py)."""
+    ov = _openvino()
+    compiled = compile_onnx(Path(onnx_path), threads)
+    precisions = kernel_precisions(compiled)
+    blob = compiled.export_model()  # a BytesIO in the 2026 Python API
+    (out_dir / MODEL_FILE).write_bytes(blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob))
+    fields = {"backend_version": ov.__version__, "model_file": MODEL_FILE, "provider": f"openvino-{DEVICE}",
+              "inference_precision": "f32", "kernel_precisions": precisions,
+              "integer_kernels": integer_kernel_count(precisions), "device": device_description()}
+    return fields, None
+
+
+def open_runner(directory: Path, manifest: dict[str, Any], threads: int | None = None) -> "OvRunner":
+    return OvRunner(Path(directory), manifest, threads)
+
+
+class OvRunner:
+    """Runs a compiled OpenVINO engine on numpy inputs."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
+        ov = _openvino()
+        built_with = manifest.get("backend_version")
+        if built_with != ov.__version__:
+            raise UserError(f"engine {directory} was compiled by OpenVINO {built_with}, this is OpenVINO {ov.__version__}; "
+                            "rebuild it with quest-export build-engine --backend openvino (or install that version)")
+        self.provider = manifest.get("provider", f"openvino-{DEVICE}")
+        count = manifest["profile"].get("ort", {}).get("intra_op_threads", 0) if threads is None else threads
+        core = ov.Core()
+        blob = (directory / manifest["model_file"]).read_bytes()
+        try:
+            self.compiled = core.import_model(blob, DEVICE, compile_config(count, manifest.get("inference_precision", "f32")))
+        except RuntimeError as error:
+            raise UserError(f"OpenVINO could not load engine {directory} ({str(error).strip().splitlines()[0]}); "
+                            "rebuild it with quest-export build-engine --backend openvino") from None
+        self.request = self.compiled.create_infer_request()
+        self.output = self.compiled.outputs[0]
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray:
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        return np.array(self.request.infer(feeds)[self.output], copy=True)
+
+    def run(self, sample: Any, timestep: Any, encoder_hidden_states: Any) -> Any:
+        """The same call on torch tensors (what EngineUNet passes), returning a CPU tensor."""
+        import torch
+
+        arrays = (np.ascontiguousarray(x.detach().float().cpu().numpy()) for x in (sample, timestep, encoder_hidden_states))
+        return torch.from_numpy(self(*arrays))
