@@ -187,6 +187,7 @@ def finetune(
     weight_dilation: Annotated[Optional[bool], typer.Option("--weight-dilation/--no-weight-dilation", help="DilateQuant weight dilation folded into the FP model before PTQ (LayerNorm/GroupNorm -> q/k/v, ff, proj_in; to_v -> to_out; GEGLU value -> ff.net.2) [default: from the recipe].")] = None,
     loss: Annotated[Optional[str], typer.Option("--loss", help="quest only: quest (QuEST's selective stages) or blockwise (DilateQuant block-wise distillation of all weights and scales) [default: from the recipe].")] = None,
     calibration_steps: CalibrationStepsOpt = None,
+    act8_layers: Annotated[Optional[int], typer.Option("--act8-layers", min=0, help="Mixed precision: this many layers whose low-bit activations hurt most keep 8-bit activations, measured before PTQ (0: none) [default: from the recipe; 8 in the W4A4 recipes].")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="quest only: continue from the last finetuning checkpoint of this --out.")] = False,
     device: DeviceOpt = "auto",
     teacher_dtype: TeacherDtypeOpt = None,
@@ -202,7 +203,7 @@ def finetune(
 
     request = finetune_job.FinetuneRequest(out, model, bits, method, recipe_path, target, calibration, stages, timestep_groups,
                                            grouping, weight_dilation, loss, calibration_steps, resume, force,
-                                           device, teacher_dtype)
+                                           device, teacher_dtype, act8_layers)
     recipe, profile = finetune_job.plan(request)
     dist = init_from_env()
     if dist.is_main:

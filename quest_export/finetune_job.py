@@ -94,6 +94,7 @@ class FinetuneRequest:
     force: bool = False
     device: str = "auto"
     teacher_dtype: str | None = None
+    act8_layers: int | None = None
 
     @property
     def state_path(self) -> Path:
@@ -121,6 +122,9 @@ def plan(request: FinetuneRequest):
     resolve_teacher_dtype(request.teacher_dtype)
     request.device = resolve_device(request.device)
     recipe = apply_option_flags(recipe, method, request.grouping, request.weight_dilation, request.loss, request.calibration_steps)
+    if request.act8_layers is not None:
+        recipe = replace(recipe, act8_layers=request.act8_layers)
+        recipe.validate()
     check_method_target(method, profile.name)
     return recipe, profile
 
