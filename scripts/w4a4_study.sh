@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 16: what limits W4A4 on digits, one cause per row, and the 4-bit activation methods.
-# Usage: scripts/w4a4_study.sh [causes|methods|best|seeds|report] (RESULTS=out/w4a4; rows whose eval JSON
+# Usage: scripts/w4a4_study.sh [causes|methods|best|seeds|defaults|report] (RESULTS=out/w4a4; rows whose eval JSON
 # exists are skipped). Same protocol as the README's results: 500 samples, 20 DDIM steps, seed 0.
 set -euo pipefail
 QE=${QE:-.venv/bin/quest-export}
@@ -74,6 +74,19 @@ seeds() {
   run quest-act8-8 --method quest --recipe "$(recipe act8-8 act8_layers=8)"
 }
 
+# the shipped recipe itself (act8_layers: 8 since issue 16) on both targets, exported to each with
+# parity, and its onnxruntime engine built and verified on this host
+defaults() {
+  run default-tensorrt --method quest --target tensorrt
+  run default-onnxruntime --method quest --target onnxruntime
+  for target in tensorrt onnxruntime; do
+    [ -f "$RESULTS/onnx-default-$target/manifest.json" ] || $QE export "$RESULTS/default-$target" --target "$target" \
+      --calibration "$RESULTS/calib" --out "$RESULTS/onnx-default-$target" --force
+  done
+  [ -f "$RESULTS/engine-default-onnxruntime/manifest.json" ] || $QE build-engine "$RESULTS/onnx-default-onnxruntime" \
+    --backend onnxruntime --profile digits --calibration "$RESULTS/calib" --out "$RESULTS/engine-default-onnxruntime" --force
+}
+
 report() {
   "$PY" - "$RESULTS" <<'PYEOF'
 import json, sys
@@ -98,6 +111,7 @@ case "${1:-causes}" in
   methods) prepare; methods ;;
   best) prepare; best ;;
   seeds) prepare; seeds ;;
+  defaults) prepare; defaults ;;
   report) report ;;
-  *) echo "usage: $0 causes|methods|best|seeds|report" >&2; exit 2 ;;
+  *) echo "usage: $0 causes|methods|best|seeds|defaults|report" >&2; exit 2 ;;
 esac

@@ -166,10 +166,8 @@ def float_baselines(fp32_source: Path, directory: Path, threads: int) -> dict[st
     for precision in ["f32", *openvino_backend.native_float_precisions()]:
         compiled = openvino_backend.compile_onnx(fp32_source, threads, precision)
         request = compiled.create_infer_request()
-        blob = compiled.export_model()
-        size = len(blob.getvalue()) if hasattr(blob, "getvalue") else len(blob)
         name = "openvino-fp32" if precision == "f32" else f"openvino-{precision}"
-        baselines[name] = ((lambda feeds, request=request: request.infer(feeds)), size)
+        baselines[name] = ((lambda feeds, request=request: request.infer(feeds)), graph_bytes(fp32_source))  # reads the FP32 graph
     return baselines
 
 
@@ -234,21 +232,12 @@ def _engine_call(directory: Path, manifest: dict[str, Any], threads: int) -> Cal
 
 
 def engine_files_bytes(directory: Path, manifest: dict[str, Any]) -> int:
-    """The engine's model file(s) as stored (external weights included)."""
-    return graph_bytes(Path(directory) / manifest["model_file"]) if manifest["model_file"].endswith(".onnx") else \
-        (Path(directory) / manifest["model_file"]).stat().st_size
+    """The engine's model as stored (external weights and IR weights included)."""
+    if manifest["model_file"].endswith(".onnx"):
+        return graph_bytes(Path(directory) / manifest["model_file"])
+    from quest_export.engine.backends import backend_of_manifest
 
-
-def _build_for_bench(backend: str, onnx_path: Path, engine_dir: Path, threads: int) -> dict[str, Any]:
-    """Build ``backend``'s engine of ``onnx_path`` into ``engine_dir``; the manifest fields its
-    runner needs (bench-unet's engines are timed, not shipped, so they get no verification)."""
-    if backend == "onnxruntime":
-        fields, _ = onnxruntime_backend.build_model(onnx_path, engine_dir, {"intra_op_threads": threads}, keep_readable=False)
-    else:
-        from quest_export.engine.backends import get_backend
-
-        fields, _ = get_backend(backend).impl.build_model(onnx_path, engine_dir, threads)
-    return {**fields, "backend": backend, "profile": {"ort": {"intra_op_threads": threads}}}
+    return backend_of_manifest(manifest).impl.model_bytes(Path(directory), manifest)
 
 
 def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Callable[[str], None] = print,

@@ -2,10 +2,13 @@
 
 OpenVINO reads the ONNX graph, turns every Q -> DQ pair into a FakeQuantize and, where the ranges
 are constants, runs the Convolution / FullyConnected / MatMul between them as oneDNN int8 kernels.
-Build compiles once for this CPU and saves the compiled model (``export_model``), so loading skips
-compilation and runs the kernels that were verified. A compiled blob belongs to the OpenVINO
-version and CPU it was compiled for: another version refuses it (rebuild), another CPU class
-re-verifies before its first call, like every CPU engine (runtime/engine_unet.py).
+Build saves the model as OpenVINO IR (``model.xml`` + ``model.bin``, int8 weight codes kept as
+int8) and compiles it once to verify it and count which layers run in integer; loading compiles it
+again (seconds). The IR, not the compiled blob, is what ships: ``export_model``'s blob holds the
+weights repacked for this CPU beside float copies (digits W8A8: 5.4 MB compiled vs 1.8 MB IR, the
+FP32 ONNX being 6.8 MB). An engine belongs to the OpenVINO version that built and verified it:
+another version refuses it (rebuild), another CPU class re-verifies before its first call, like
+every CPU engine (runtime/engine_unet.py).
 
 Inference precision is pinned to f32: on CPUs with native BF16 (AVX512_BF16, AMX) OpenVINO would
 otherwise run every float op between the integer kernels in bf16, which the simulation does not.
@@ -21,10 +24,12 @@ import numpy as np
 
 from quest_export.errors import UserError
 
-MODEL_FILE = "model.ov.blob"
+MODEL_FILE = "model.xml"  # OpenVINO IR; its weights are model.bin beside it
 DEVICE = "CPU"
-# the layer types of OpenVINO's runtime model that carry a network's multiply-accumulates
+# the layer types of OpenVINO's runtime model that carry a network's multiply-accumulates; attention
+# (q @ k^T, softmax, @ v) is fused into snippet "Subgraph" layers, counted apart
 LINEAR_LAYER_TYPES = ("Convolution", "Deconvolution", "FullyConnected", "MatMul")
+REPORTED_LAYER_TYPES = (*LINEAR_LAYER_TYPES, "Subgraph")
 
 
 def require() -> None:
@@ -63,7 +68,7 @@ def native_float_precisions() -> list[str]:
 
 
 def compile_onnx(onnx_path: Path, threads: int = 0, precision: str = "f32"):
-    """Read and compile an ONNX file for this CPU; one line when OpenVINO cannot."""
+    """Read and compile an ONNX (or IR) file for this CPU; one line when OpenVINO cannot."""
     ov = _openvino()
     core = ov.Core()
     try:
@@ -74,20 +79,23 @@ def compile_onnx(onnx_path: Path, threads: int = 0, precision: str = "f32"):
 
 
 def kernel_precisions(compiled) -> dict[str, int]:
-    """How many Convolution / FullyConnected / MatMul layers of the runtime model run in each
-    precision (``"Convolution u8": 49``...): what actually runs in integer after compilation."""
+    """How many Convolution / FullyConnected / MatMul (and fused Subgraph) layers of the runtime
+    model run in each precision (``"Convolution u8": 49``...): what actually runs in integer after
+    compilation."""
     counts: collections.Counter[str] = collections.Counter()
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
         layer = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
-        if layer in LINEAR_LAYER_TYPES:
+        if layer in REPORTED_LAYER_TYPES:
             precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "unknown"
             counts[f"{layer} {precision}"] += 1
     return dict(sorted(counts.items()))
 
 
 def integer_kernel_count(precisions: dict[str, int]) -> int:
-    return sum(n for key, n in precisions.items() if key.rsplit(" ", 1)[-1] in ("i8", "u8"))
+    """Convolution / FullyConnected / MatMul layers running in i8/u8 (fused subgraphs not counted)."""
+    return sum(n for key, n in precisions.items()
+               if key.split(" ")[0] in LINEAR_LAYER_TYPES and key.rsplit(" ", 1)[-1] in ("i8", "u8"))
 
 
 def device_description() -> dict[str, Any]:
@@ -104,18 +112,28 @@ def build(onnx_path: Path, out_dir: Path, profile: Any, unet_config: dict[str, A
 
 
 def build_model(onnx_path: Path, out_dir: Path, threads: int = 0):
-    """Compile ``onnx_path`` and save the compiled model into ``out_dir``; returns the manifest
+    """Convert ``onnx_path`` to IR in ``out_dir`` and compile it for this CPU; returns the manifest
     fields and None (a compiled model exposes no ONNX graph for the kernel-level check: the engine
     is verified free-running, engine/verify.py)."""
     ov = _openvino()
-    compiled = compile_onnx(Path(onnx_path), threads)
+    core = ov.Core()
+    try:
+        model = core.read_model(str(onnx_path))
+    except RuntimeError as error:
+        raise UserError(f"OpenVINO could not read {onnx_path}: {str(error).strip().splitlines()[0]}") from None
+    ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)  # FP32 stays FP32
+    compiled = compile_onnx(out_dir / MODEL_FILE, threads)
     precisions = kernel_precisions(compiled)
-    blob = compiled.export_model()  # a BytesIO in the 2026 Python API
-    (out_dir / MODEL_FILE).write_bytes(blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob))
     fields = {"backend_version": ov.__version__, "model_file": MODEL_FILE, "provider": f"openvino-{DEVICE}",
               "inference_precision": "f32", "kernel_precisions": precisions,
               "integer_kernels": integer_kernel_count(precisions), "device": device_description()}
     return fields, None
+
+
+def model_bytes(directory: Path, manifest: dict[str, Any]) -> int:
+    """The engine's IR on disk (graph and weights)."""
+    xml = Path(directory) / manifest["model_file"]
+    return xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
 
 
 def open_runner(directory: Path, manifest: dict[str, Any], threads: int | None = None) -> "OvRunner":
@@ -134,9 +152,9 @@ class OvRunner:
         self.provider = manifest.get("provider", f"openvino-{DEVICE}")
         count = manifest["profile"].get("ort", {}).get("intra_op_threads", 0) if threads is None else threads
         core = ov.Core()
-        blob = (directory / manifest["model_file"]).read_bytes()
         try:
-            self.compiled = core.import_model(blob, DEVICE, compile_config(count, manifest.get("inference_precision", "f32")))
+            self.compiled = core.compile_model(str(directory / manifest["model_file"]), DEVICE,
+                                               compile_config(count, manifest.get("inference_precision", "f32")))
         except RuntimeError as error:
             raise UserError(f"OpenVINO could not load engine {directory} ({str(error).strip().splitlines()[0]}); "
                             "rebuild it with quest-export build-engine --backend openvino") from None
