@@ -36,7 +36,7 @@ from quest.distributed import DistContext
 from quest.errors import QuantConfigError
 from quest.modules import QuantConv2d, QuantLinear
 from quest.quantize import QuantizedUNet
-from quest.quantizers import ActivationQuantizer, TiedOutputQuantizer
+from quest.quantizers import SCALE_FLOOR, ActivationQuantizer, TiedOutputQuantizer
 from quest.teacher import fp_copy, run_teacher  # noqa: F401 - fp_copy re-exported for callers
 from quest.recipe_blocks import (  # noqa: F401 - the finetuner's settings, re-exported
     ATTENTION_LAYERS,
@@ -61,16 +61,19 @@ def _quant_layers(unet: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
     return {n: m for n, m in unet.named_modules() if isinstance(m, (QuantConv2d, QuantLinear)) and _matches(n, patterns)}
 
 
-def _scale_params(unet: nn.Module, stage: StageSpec) -> list[tuple[str, nn.Parameter]]:
-    params = []
+def _scale_params(unet: nn.Module, stage: StageSpec) -> tuple[list[tuple[str, nn.Parameter]], dict[str, float]]:
+    """The stage's trainable quantizer parameters, and the floor of each learned scale (the
+    smallest scale its graph precision holds: a step past zero must not become a zero Q scale)."""
+    params, floors = [], {}
     for name, module in unet.named_modules():
         if not _matches(name, stage.scales) or _matches(name, stage.exclude_scales):
             continue
         if isinstance(module, ActivationQuantizer) and module.enabled:
             params.append((f"{name}.scale", module.scale))
+            floors[f"{name}.scale"] = SCALE_FLOOR[module.spec.scale_precision]
         elif isinstance(module, TiedOutputQuantizer) and module.enabled:
             params.append((f"{name}.log_ratio", module.log_ratio))
-    return params
+    return params, floors
 
 
 @dataclass
@@ -79,10 +82,18 @@ class StagePlan:
     layers: dict[str, nn.Module]
     weights: list[tuple[str, nn.Parameter]]
     scales: list[tuple[str, nn.Parameter]]
+    scale_floors: dict[str, float]
 
     @property
     def params(self) -> list[nn.Parameter]:
         return [p for _, p in self.weights] + [p for _, p in self.scales]
+
+    @torch.no_grad()
+    def clamp_scales(self) -> None:
+        """Keep every learned scale at or above its floor after an optimizer step."""
+        for name, p in self.scales:
+            if name in self.scale_floors:
+                p.clamp_(min=self.scale_floors[name])
 
 
 def plan_stage(unet: nn.Module, stage: StageSpec) -> StagePlan:
@@ -94,7 +105,7 @@ def plan_stage(unet: nn.Module, stage: StageSpec) -> StagePlan:
         weights.append((f"{name}.weight", module.weight))
         if module.bias is not None:
             weights.append((f"{name}.bias", module.bias))
-    return StagePlan(stage, layers, weights, _scale_params(unet, stage))
+    return StagePlan(stage, layers, weights, *_scale_params(unet, stage))
 
 
 def batch_indices(seed: int, stage_index: int, step: int, rows: int, batch_size: int) -> torch.Tensor:
@@ -281,10 +292,7 @@ class QuestFinetuner:
                     loss.backward()
                     self.dist.average_gradients(plan.params)
                     optimizer.step()
-                    with torch.no_grad():
-                        for name, p in plan.scales:
-                            if name.endswith(".scale"):
-                                p.clamp_(min=1e-8)
+                    plan.clamp_scales()
                     record = {"stage": stage.name, "step": step, "loss": self.dist.average(loss.detach().item()), "final_mse": self.dist.average(final), "local_mse": self.dist.average(local)}
                     if not math.isfinite(record["loss"]):
                         raise QuantConfigError(

@@ -79,6 +79,17 @@ def _as_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
+# The smallest scale each graph precision holds: FP16 flushes scales below its smallest normal
+# number (2^-14) towards zero, and a zero Q scale is a division by zero in the engine.
+SCALE_FLOOR = {"fp32": 1e-8, "fp16": 2.0**-14}
+FP16_MAX = 65504.0
+
+
+def _fp16_scale(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as an FP16 graph stores a scale: floored at :data:`SCALE_FLOOR` ``["fp16"]``, FP16-rounded."""
+    return _as_fp16(x.clamp(SCALE_FLOOR["fp16"], FP16_MAX))
+
+
 def straight_through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` forward, identity gradient to ``x`` (a rounding the optimiser should see through)."""
     return x + (value - x).detach()
@@ -100,13 +111,15 @@ def graph_scale_table(table: torch.Tensor, precision: str) -> tuple[torch.Tensor
         raise ValueError(f"unknown scale precision {precision!r}")
     t = table.detach().float()
     if t.numel() == 1:
-        s0 = t.reshape(()) if precision == "fp32" else _as_fp16(t.reshape(()))
+        s0 = t.reshape(()) if precision == "fp32" else _fp16_scale(t.reshape(()))
         return s0, torch.ones_like(t), s0.reshape(t.shape)
+    if precision == "fp16":
+        t = t.clamp_min(SCALE_FLOOR["fp16"])
     s0 = torch.exp(torch.log(t.double()).mean()).float()
     if precision == "fp32":
         return s0, s0 / t, t
-    s0 = _as_fp16(s0)
-    factors = _as_fp16(s0 / t)
+    s0 = _fp16_scale(s0)
+    factors = _fp16_scale(s0 / t)
     return s0, factors, s0 / factors
 
 
@@ -131,7 +144,7 @@ class WeightQuantizer(nn.Module):
         identity gradient to the learned FP32 scales."""
         if self.spec.scale_precision == "fp32":
             return self.scale
-        return straight_through(self.scale, _as_fp16(self.scale.detach()))
+        return straight_through(self.scale, _fp16_scale(self.scale.detach()))
 
     def _shaped_scale(self, weight: torch.Tensor) -> torch.Tensor:
         return self.graph_scale().view(-1, *([1] * (weight.dim() - 1)))

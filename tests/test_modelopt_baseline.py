@@ -25,16 +25,19 @@ def _loop(unet) -> None:
 
 
 def _modelopt_codes(quantizer, x: torch.Tensor) -> torch.Tensor:
-    """ModelOpt's integer codes: round(x * qmax / amax) on its [-2^(b-1), 2^(b-1)-1] grid."""
+    """The integer codes of ModelOpt's quantizer in an FP16 TensorRT graph: round(x / s) on its
+    [-2^(b-1), 2^(b-1)-1] grid, with s = amax / qmax held as the FP16 number the graph stores."""
     qmax = 2 ** (quantizer.num_bits - 1) - 1
-    amax = quantizer.amax.float()
-    return torch.clamp(torch.round(x * (torch.tensor(float(qmax)) / amax)), -qmax - 1, qmax)
+    scale = (quantizer.amax.float() / qmax).to(torch.float16).float()
+    if quantizer.axis is not None:  # per-channel weights: one scale per output channel
+        scale = scale.reshape(-1, *([1] * (x.dim() - 1)))
+    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax)
 
 
 @pytest.mark.parametrize("bits", [(8, 8), (4, 8)])
 def test_converted_modelopt_model_computes_what_modelopt_computes(bits) -> None:
     """Layer by layer, on the inputs ModelOpt's model saw, quest's converted quantizers produce
-    ModelOpt's integer codes (differences only at exact .5 ties: x*(q/amax) vs x/(amax/q))."""
+    the codes of ModelOpt's calibration as the FP16 engine graph computes them."""
     from quest.modules import QuantConv2d, QuantLinear
     from quest_export.baselines.modelopt_ptq import convert_to_quest, run_modelopt
 

@@ -100,7 +100,9 @@ def test_bench_times_the_openvino_engine_against_every_float_engine(run_cli, ov_
     assert doc["speedup_vs_best_fp32"] == pytest.approx(fastest / doc["latency_ms"])
     assert doc["speedup"] == pytest.approx(doc["baselines"]["openvino-fp32"]["latency_ms"] / doc["latency_ms"])
     assert doc["integer_kernels"]["integer_kernels"] > 0
-    assert 0 < doc["size_ratio"] < 0.5  # the IR keeps the int8 weight codes
+    ir = [ov_engine / "model.xml", ov_engine / "model.bin"]
+    assert doc["engine_bytes"] == sum(p.stat().st_size for p in ir)  # what ships: graph and weights
+    assert ir[1].stat().st_size < 0.5 * doc["fp32_onnx_bytes"]  # the IR's weights keep the int8 codes
 
 
 def test_openvino_backend_refuses_other_targets_exports_and_a_missing_openvino(run_cli, exported: dict[str, Path],

@@ -133,3 +133,30 @@ def test_fake_quant_keeps_no_full_size_intermediates_for_backward() -> None:
     out = fake_quant(x.softmax(-1), scale, torch.tensor(0.0), -128, 127)
     saved = [t for t in out.grad_fn.saved_tensors if t.numel() == x.numel()]
     assert len(saved) == 1  # only the input, which softmax keeps anyway
+
+
+def test_fp16_graph_scales_never_reach_zero() -> None:
+    """A scale below FP16's smallest normal number (a calibration of an all-zero input, or a
+    learning-rate step past zero) would be a zero Q scale in the FP16 graph: the graph and the
+    simulation both floor it at 2^-14, and finetuning clamps the learned scale to that floor."""
+    from quest.finetune import StageSpec, plan_stage
+    from quest.quantizers import SCALE_FLOOR, graph_scale_table
+
+    tiny = torch.tensor([1e-8, 3e-3])
+    s0, factors, effective = graph_scale_table(tiny, "fp16")
+    assert bool(torch.isfinite(factors).all()) and float(effective.min()) >= SCALE_FLOOR["fp16"] * (1 - 2**-10)
+    assert float(graph_scale_table(tiny[:1], "fp16")[0]) == SCALE_FLOOR["fp16"]
+    wq = WeightQuantizer(TENSORRT.weight_spec(4), 2)
+    wq.scale.data = torch.tensor([1e-9, 0.1])
+    assert bool((wq.graph_scale() > 0).all())
+    aq = ActivationQuantizer(TENSORRT.activation_spec(8), num_groups=2, context=TimestepContext(uniform_group_lookup(2)))
+    aq.scale.data = tiny.clone()
+    aq._context.set(torch.tensor([0, 999]), batch=2)
+    assert bool(torch.isfinite(aq(torch.randn(2, 8))).all())
+
+    unet = torch.nn.Module()
+    unet.add_module("q", aq)
+    plan = plan_stage(unet, StageSpec(name="s", weights=[], scales=["q"], steps=1))
+    aq.scale.data = torch.tensor([-1.0, 3e-3])
+    plan.clamp_scales()
+    assert aq.scale.data.tolist() == pytest.approx([SCALE_FLOOR["fp16"], 3e-3])

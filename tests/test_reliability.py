@@ -289,7 +289,8 @@ def test_engine_of_another_backend(run_main, art, tmp_path: Path) -> None:
     shutil.copytree(art.engine, engine)
     _reseal(engine / "manifest.json", lambda d: d.update(backend="tensorrt"))  # as a TensorRT build would say
     result = run_main("bench", "--engine", engine, "--iterations", "1", "--warmup", "0")
-    assert_one_line_error(result, 2, "the engine was built for backend 'tensorrt', not 'onnxruntime'")
+    assert_one_line_error(result, 2, "bench times CPU engines (onnxruntime, openvino); ")
+    assert "is a tensorrt engine: build one with `build-engine --backend onnxruntime`" in result.stderr
     try:
         import tensorrt  # noqa: F401
     except ImportError:

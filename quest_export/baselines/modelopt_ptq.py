@@ -3,8 +3,9 @@
 ModelOpt runs its INT8 config (or, at other widths, the same layout with INT4/other per-channel
 weights) with its own ``max`` calibrator over our calibration forward loop. Its calibrated amax
 values are then written into quest's quantizers on the TensorRT profile, whose arithmetic is the
-same (symmetric, ``scale = amax / qmax``, round half to even), so the baseline is evaluated and
-exported by exactly the code paths our methods use. Layers ModelOpt leaves unquantized (attention
+same (symmetric, ``scale = amax / qmax``, round half to even; the FP16 engine graph holds that
+scale in FP16, for ModelOpt's export and ours alike), so the baseline is evaluated and exported by
+exactly the code paths our methods use. Layers ModelOpt leaves unquantized (attention
 matmuls, ``proj_out``) stay unquantized; its LayerNorm input quantizers are switched off so that
 every method is compared on the same Conv/Linear-input layout.
 """

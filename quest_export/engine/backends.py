@@ -7,7 +7,8 @@ UserError line), ``build(onnx_path, out_dir, profile, unet_config) -> (manifest 
 engine graph or None)``, ``open_runner(directory, manifest, threads)`` (an object with
 ``run(sample, timestep, encoder_hidden_states) -> tensor`` on torch tensors) and
 ``device_description()`` (what the engine's kernels depend on, recorded in the manifest and compared
-when the engine is loaded). Modules are imported lazily: TensorRT need not be installed to use
+when the engine is loaded). CPU backends add what ``bench`` needs: ``bench_build``,
+``kernel_report``, ``model_bytes`` and ``profiled_model``. Modules are imported lazily: TensorRT need not be installed to use
 ONNX Runtime, and OpenVINO only for its own engines.
 """
 
@@ -48,6 +49,19 @@ class Backend:
 
     def device_description(self) -> dict[str, Any]:
         return self.impl.device_description()
+
+    # what ``bench`` asks of a CPU backend (its device is "cpu")
+    def bench_build(self, onnx_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
+        return {**self.impl.bench_build(Path(onnx_path), Path(out_dir), threads), "backend": self.name}
+
+    def kernel_report(self, directory: Path, manifest: dict[str, Any], quantized_linear_ops: int) -> dict[str, Any]:
+        return self.impl.kernel_report(Path(directory), manifest, quantized_linear_ops)
+
+    def model_bytes(self, directory: Path, manifest: dict[str, Any]) -> int:
+        return self.impl.model_bytes(Path(directory), manifest)
+
+    def profiled_model(self, directory: Path, manifest: dict[str, Any]) -> Path | None:
+        return self.impl.profiled_model(Path(directory), manifest)
 
 
 BACKENDS: dict[str, Backend] = {

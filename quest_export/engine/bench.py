@@ -231,29 +231,6 @@ def _engine_call(directory: Path, manifest: dict[str, Any], threads: int) -> Cal
     return lambda feeds: runner(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
 
 
-def engine_files_bytes(directory: Path, manifest: dict[str, Any]) -> int:
-    """The engine's model as stored (external weights and IR weights included)."""
-    if manifest["model_file"].endswith(".onnx"):
-        return graph_bytes(Path(directory) / manifest["model_file"])
-    from quest_export.engine.backends import backend_of_manifest
-
-    return backend_of_manifest(manifest).impl.model_bytes(Path(directory), manifest)
-
-
-def _build_for_bench(backend: str, onnx_path: Path, engine_dir: Path, threads: int) -> dict[str, Any]:
-    """Build ``backend``'s engine of ``onnx_path`` into ``engine_dir`` (timed, not shipped: no
-    verification); the manifest fields its runner needs. Restores the helper an earlier edit of
-    this module dropped by mistake."""
-    from quest_export.engine.backends import get_backend
-
-    impl = get_backend(backend).impl
-    if backend == "onnxruntime":
-        fields, _ = impl.build_model(onnx_path, engine_dir, {"intra_op_threads": threads}, keep_readable=False)
-    else:
-        fields, _ = impl.build_model(onnx_path, engine_dir, threads)
-    return {**fields, "backend": backend, "profile": {"ort": {"intra_op_threads": threads}}}
-
-
 def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Callable[[str], None] = print,
                profile: bool = False, backend: str = "onnxruntime") -> dict[str, Any]:
     """``--model bench-unet``: plain PTQ (one scale set) for ``backend``'s target on random inputs,
@@ -264,7 +241,6 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
     from quest_export import api
     from quest_export.engine.backends import get_backend
     from quest_export.export.exporter import linear_kernel_count
-    from quest_export.export.kernels import integer_kernel_report
     from quest_export.models.bench_unet import BATCH, TOKENS, build_bench_unet, random_unet_inputs
     from quest_export.quantization import recipe_for_method
 
@@ -293,17 +269,13 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
         save_graph(exported.graphs["model"], path)
         engine_dir = Path(tmp) / "engine"
         engine_dir.mkdir()
-        manifest = _build_for_bench(backend, path, engine_dir, threads)
-        if backend == "onnxruntime":
-            kernels = integer_kernel_report(path, linear_kernel_count(exported.records))
-        else:
-            kernels = {"integer_kernels": manifest["integer_kernels"], "quantized_linear_ops": linear_kernel_count(exported.records),
-                       "kernel_precisions": manifest["kernel_precisions"]}
+        manifest = engine_backend.bench_build(path, engine_dir, threads)
+        kernels = engine_backend.kernel_report(engine_dir, manifest, linear_kernel_count(exported.records))
         log(f"timing {iterations} calls each after {warmup} warm-up calls ...")
         save_graph(exported.float_graph, Path(tmp) / "fp32.onnx")
-        ort_model = engine_dir / onnxruntime_backend.MODEL_FILE if backend == "onnxruntime" else None
-        result = bench_against_baselines(_engine_call(engine_dir, manifest, threads), backend, engine_files_bytes(engine_dir, manifest),
-                                         Path(tmp) / "fp32.onnx", feeds, threads, warmup, iterations, ort_model, profile)
+        result = bench_against_baselines(_engine_call(engine_dir, manifest, threads), backend,
+                                         engine_backend.model_bytes(engine_dir, manifest), Path(tmp) / "fp32.onnx", feeds,
+                                         threads, warmup, iterations, engine_backend.profiled_model(engine_dir, manifest), profile)
     result.update({"model": "bench-unet", "bits": bits, "backend": backend, "method": "ptq",
                    "parity_min_code_agreement": check["min_code_agreement"], "integer_kernels": kernels,
                    "total_seconds": round(time.perf_counter() - started, 1)})
@@ -315,15 +287,18 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
     checkpoint's UNet."""
     import torch
 
+    from quest_export.engine.backends import BACKENDS, backend_of_manifest
     from quest_export.engine.manifest import read_engine_manifest
     from quest_export.engine.profiles import BuildProfile
-    from quest_export.errors import UserError
     from quest_export.export import passes, trace
     from quest_export.quantization import load_quantized
 
     manifest = read_engine_manifest(directory)
-    if manifest["backend"] not in ("onnxruntime", "openvino"):
-        raise UserError(f"bench times CPU engines (onnxruntime, openvino); {directory} is a {manifest['backend']} engine")
+    engine_backend = backend_of_manifest(manifest)
+    if engine_backend.device != "cpu":
+        cpu = ", ".join(name for name, b in BACKENDS.items() if b.device == "cpu")
+        raise UserError(f"bench times CPU engines ({cpu}); {directory} is a {engine_backend.name} engine: "
+                        f"build one with `build-engine --backend {cpu.split(',')[0]}`")
     checkpoint = Path(manifest["source_checkpoint"]["path"])
     if not checkpoint.is_dir():
         raise UserError(f"the engine's source checkpoint {checkpoint} is gone; bench needs it to build the FP32 engine")
@@ -340,17 +315,16 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
     marked, _ = trace.trace_marked_graph(qunet, trace.example_inputs(qunet.unet, batch=batch, tokens=tokens))
     del qunet  # from here on only graphs on disk and the engines are held
     gc.collect()
-    ort_model = Path(directory) / manifest["model_file"] if manifest["backend"] == "onnxruntime" else None
     with tempfile.TemporaryDirectory(prefix="quest-bench-fp32-") as tmp:
         float_graph = passes.strip_markers(marked)
         del marked
         save_graph(float_graph, Path(tmp) / "fp32.onnx")
         del float_graph
-        result = bench_against_baselines(_engine_call(Path(directory), manifest, threads), manifest["backend"],
-                                         engine_files_bytes(Path(directory), manifest), Path(tmp) / "fp32.onnx", feeds,
-                                         threads, warmup, iterations, ort_model, profile)
-    if "kernel_precisions" in manifest:
-        result["integer_kernels"] = {"integer_kernels": manifest["integer_kernels"], "kernel_precisions": manifest["kernel_precisions"]}
+        result = bench_against_baselines(_engine_call(Path(directory), manifest, threads), engine_backend.name,
+                                         engine_backend.model_bytes(Path(directory), manifest), Path(tmp) / "fp32.onnx", feeds,
+                                         threads, warmup, iterations, engine_backend.profiled_model(Path(directory), manifest), profile)
+    quantized_inputs = sum(1 for info in manifest["layers"].values() if "input" in info)
+    result["integer_kernels"] = engine_backend.kernel_report(Path(directory), manifest, quantized_inputs)
     result.update({"engine": str(directory), "backend": manifest["backend"], "bits": manifest["source_checkpoint"].get("bits")})
     return result
 

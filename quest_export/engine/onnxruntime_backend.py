@@ -108,6 +108,32 @@ def build_model(onnx_path: Path, out_dir: Path, ort_settings: dict[str, Any], ke
     return fields, readable
 
 
+def bench_build(onnx_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
+    """An engine of ``onnx_path`` for ``bench`` to time (not shipped: no verification, no readable
+    copy); the manifest fields its runner needs."""
+    fields, _ = build_model(onnx_path, out_dir, {"intra_op_threads": threads}, keep_readable=False)
+    return {**fields, "profile": {"ort": {"intra_op_threads": threads}}}
+
+
+def kernel_report(directory: Path, manifest: dict[str, Any], quantized_linear_ops: int) -> dict[str, Any]:
+    """How many of the engine's quantized Conv/MatMul/Gemm ops run as ORT integer kernels."""
+    from quest_export.export.kernels import engine_op_counts, kernel_report_of
+
+    return kernel_report_of(engine_op_counts(Path(directory) / manifest["model_file"]), quantized_linear_ops)
+
+
+def model_bytes(directory: Path, manifest: dict[str, Any]) -> int:
+    """The engine's model on disk (external weights included)."""
+    from quest_export.onnx_io import graph_bytes
+
+    return graph_bytes(Path(directory) / manifest["model_file"])
+
+
+def profiled_model(directory: Path, manifest: dict[str, Any]) -> Path | None:
+    """The model ``bench --profile`` runs under ORT's profiler: the engine's own."""
+    return Path(directory) / manifest["model_file"]
+
+
 def piece_sessions(manifest: dict[str, Any], runner: "OrtRunner"):
     """Opens sessions on pieces of the engine graph with the engine's own options and execution
     provider (engine/diagnose.py's kernel-level check)."""

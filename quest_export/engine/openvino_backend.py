@@ -130,6 +130,25 @@ def build_model(onnx_path: Path, out_dir: Path, threads: int = 0):
     return fields, None
 
 
+def bench_build(onnx_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
+    """An engine of ``onnx_path`` for ``bench`` to time (not shipped: no verification); the manifest
+    fields its runner needs."""
+    fields, _ = build_model(onnx_path, out_dir, threads)
+    return {**fields, "profile": {"ort": {"intra_op_threads": threads}}}
+
+
+def kernel_report(directory: Path, manifest: dict[str, Any], quantized_linear_ops: int) -> dict[str, Any]:
+    """How many quantized Conv/MatMul layers the compiled model runs in i8/u8 (counted from its
+    runtime model when the engine was built), with every layer type's runtime precision."""
+    return {"quantized_linear_ops": quantized_linear_ops, "integer_kernels": manifest["integer_kernels"],
+            "kernel_precisions": manifest["kernel_precisions"]}
+
+
+def profiled_model(directory: Path, manifest: dict[str, Any]) -> Path | None:
+    """None: ``bench --profile`` reads ONNX Runtime's profiler, which cannot see inside OpenVINO."""
+    return None
+
+
 def model_bytes(directory: Path, manifest: dict[str, Any]) -> int:
     """The engine's IR on disk (graph and weights)."""
     xml = Path(directory) / manifest["model_file"]

@@ -22,7 +22,20 @@ def optimized_op_counts(model_path: Path) -> Counter:
 
 def integer_kernel_report(model_path: Path, quantized_linear_ops: int) -> dict[str, object]:
     """Share of the graph's quantized Conv/MatMul/Gemm ops that run as integer kernels."""
-    counts = optimized_op_counts(model_path)
+    return kernel_report_of(optimized_op_counts(model_path), quantized_linear_ops)
+
+
+def engine_op_counts(engine_model: Path) -> Counter:
+    """Op histogram of a built ONNX Runtime engine: its stored graph is the one ORT executes
+    (optimised offline), so no optimisation is run again; weights are not read."""
+    import onnx
+
+    graph = onnx.load(str(engine_model), load_external_data=False).graph
+    return Counter(node.op_type for node in graph.node)
+
+
+def kernel_report_of(counts: Counter, quantized_linear_ops: int) -> dict[str, object]:
+    """:func:`integer_kernel_report` from an op histogram."""
     integer = sum(counts.get(op, 0) for op in INTEGER_KERNELS)
     return {
         "quantized_linear_ops": quantized_linear_ops,
