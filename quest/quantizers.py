@@ -79,15 +79,17 @@ def _as_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
-# The smallest scale each graph precision holds: FP16 flushes scales below its smallest normal
-# number (2^-14) towards zero, and a zero Q scale is a division by zero in the engine.
-SCALE_FLOOR = {"fp32": 1e-8, "fp16": 2.0**-14}
-FP16_MAX = 65504.0
+# The range of a scale (or rescale factor) in an FP16 graph: the FP16 conversion
+# (onnxconverter-common's convert_float_to_float16, given these bounds in export/passes.py) clamps
+# every float initializer's magnitude into it before the cast. Below it a scale would round to zero
+# in FP16 (a division by zero in Q), so the learned scales are kept at or above SCALE_FLOOR too.
+FP16_SCALE_MIN, FP16_SCALE_MAX = 1e-7, 1e4
+SCALE_FLOOR = {"fp32": 1e-8, "fp16": FP16_SCALE_MIN}
 
 
 def _fp16_scale(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as an FP16 graph stores a scale: floored at :data:`SCALE_FLOOR` ``["fp16"]``, FP16-rounded."""
-    return _as_fp16(x.clamp(SCALE_FLOOR["fp16"], FP16_MAX))
+    """``x`` as an FP16 graph stores a scale: clamped into the conversion's range, FP16-rounded."""
+    return _as_fp16(x.clamp(FP16_SCALE_MIN, FP16_SCALE_MAX))
 
 
 def straight_through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -102,7 +104,8 @@ def graph_scale_table(table: torch.Tensor, precision: str) -> tuple[torch.Tensor
     with ``s0`` the table's geometric mean (factors stay near 1) and ``f[g] = s0 / s[g]``, so the
     scale it really applies is ``s0 / f[g]``. In an FP32 graph that is the table itself. An FP16
     graph stores ``s0`` and ``f`` as FP16 numbers, which moves each scale by up to 2^-11 of itself
-    (0.06 steps at code 127, enough to move 2-3% of large softmax codes): ``effective`` is then
+    (0.06 steps at code 127, enough to move 2-3% of large softmax codes; ``s0 / f`` of two
+    rounded numbers up to 2^-10): ``effective`` is then
     ``s0 / f`` of those FP16 numbers, and the simulation quantizes with it. One entry: ``s0`` is
     the scale (rounded in FP16), ``f`` is 1. The exporter writes ``s0`` and ``f`` from here, so both
     sides read one definition.
@@ -114,7 +117,7 @@ def graph_scale_table(table: torch.Tensor, precision: str) -> tuple[torch.Tensor
         s0 = t.reshape(()) if precision == "fp32" else _fp16_scale(t.reshape(()))
         return s0, torch.ones_like(t), s0.reshape(t.shape)
     if precision == "fp16":
-        t = t.clamp_min(SCALE_FLOOR["fp16"])
+        t = t.clamp_min(FP16_SCALE_MIN)
     s0 = torch.exp(torch.log(t.double()).mean()).float()
     if precision == "fp32":
         return s0, s0 / t, t

@@ -371,6 +371,8 @@ def bench(
     if profile and "profile" in result:
         cli_output.print_op_profile(result["profile"])
         cli_output.print_ceiling(result["ceiling"])
+    elif "profile_note" in result:
+        console.print(f"note: {result['profile_note']}")
     if json_out is not None:
         write_json_atomic(json_out, result)
         console.print(f"wrote {json_out}")

@@ -16,8 +16,10 @@ from quest_export.devices import device_name, resolve_device, resolve_teacher_dt
 from quest_export.errors import UserError
 
 
-def apply_option_flags(recipe, method: str, grouping: str | None, weight_dilation: bool | None, loss: str | None, calibration_steps: str | None):
-    """The issue-8 options (`--grouping`, `--weight-dilation`, `--loss`, `--calibration-steps`) on the recipe."""
+def apply_option_flags(recipe, method: str, grouping: str | None, weight_dilation: bool | None, loss: str | None,
+                       calibration_steps: str | None, act8_layers: int | None = None):
+    """The recipe options given as flags (`--grouping`, `--weight-dilation`, `--loss`,
+    `--calibration-steps`, `--act8-layers`) on the recipe, checked against the method."""
     cli_checks.check_choice("--grouping", grouping, "GROUPINGS")
     cli_checks.check_choice("--loss", loss, "FINETUNE_LOSSES")
     cli_checks.check_choice("--calibration-steps", calibration_steps, "STEP_SELECTIONS")
@@ -33,6 +35,11 @@ def apply_option_flags(recipe, method: str, grouping: str | None, weight_dilatio
         recipe = replace(recipe, finetune=replace(recipe.finetune, loss=loss))
     if calibration_steps is not None:
         recipe = replace(recipe, calibration=replace(recipe.calibration, step_selection=calibration_steps))
+    if act8_layers is not None:
+        recipe = replace(recipe, act8_layers=act8_layers)
+    if recipe.act8_layers and method == "modelopt":
+        raise UserError(f"the recipe keeps {recipe.act8_layers} layers at 8-bit activations (act8_layers, the W4A4 recipes' default), "
+                        "which needs --method quest, ptq or ptq-timestep (ModelOpt calibrates its own bit-widths); pass --act8-layers 0")
     recipe.validate()
     return recipe
 
@@ -121,10 +128,8 @@ def plan(request: FinetuneRequest):
         raise UserError("--teacher-dtype applies only to --method quest (the other methods keep no teacher)")
     resolve_teacher_dtype(request.teacher_dtype)
     request.device = resolve_device(request.device)
-    recipe = apply_option_flags(recipe, method, request.grouping, request.weight_dilation, request.loss, request.calibration_steps)
-    if request.act8_layers is not None:
-        recipe = replace(recipe, act8_layers=request.act8_layers)
-        recipe.validate()
+    recipe = apply_option_flags(recipe, method, request.grouping, request.weight_dilation, request.loss, request.calibration_steps,
+                                request.act8_layers)
     check_method_target(method, profile.name)
     return recipe, profile
 

@@ -12,10 +12,12 @@ prepare() {
 }
 
 # run NAME BITS METHOD [extra finetune flags...]   (CALIB=DIR picks another calibration set)
+# Every method on the same layer map: --act8-layers 0 (ACT8=N for another), so these tables compare
+# methods at plain W4A4; the W4A4 recipes' default act8_layers 8 is measured in scripts/w4a4_study.sh.
 run() {
   local name=$1 bits=$2 method=$3; shift 3
   [ -f "$RESULTS/$name.json" ] && return 0
-  $QE finetune --model digits --bits "$bits" --method "$method" "$@" --calibration "${CALIB:-$RESULTS/calib}" --out "$RESULTS/$name" --force
+  $QE finetune --model digits --bits "$bits" --method "$method" --act8-layers "${ACT8:-0}" "$@" --calibration "${CALIB:-$RESULTS/calib}" --out "$RESULTS/$name" --force
   $QE eval --checkpoint "$RESULTS/$name" "${EVAL[@]}" --json "$RESULTS/$name.json"
 }
 

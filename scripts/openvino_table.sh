@@ -15,17 +15,25 @@ mkdir -p "$OUT"
   echo; } > "$OUT/host.txt"
 cat "$OUT/host.txt"
 [ -f "$OUT/calib/calibration.json" ] || $QE calibrate --model digits --out "$OUT/calib" --force
+# engine NAME TARGET BITS [finetune flags...]: checkpoint -> export -> verified engine -> eval -> bench
+engine() {
+  local n=$1 target=$2 bits=$3; shift 3
+  [ -f "$OUT/ckpt-$n/quant.json" ] || $QE finetune --model digits --bits "$bits" --method ptq-timestep --target "$target" \
+    --calibration "$OUT/calib" --out "$OUT/ckpt-$n" --force "$@"
+  [ -f "$OUT/onnx-$n/manifest.json" ] || $QE export "$OUT/ckpt-$n" --target "$target" --calibration "$OUT/calib" --out "$OUT/onnx-$n" --force
+  [ -f "$OUT/engine-$n/manifest.json" ] || $QE build-engine "$OUT/onnx-$n" --backend "$target" --profile digits \
+    --calibration "$OUT/calib" --out "$OUT/engine-$n" --force
+  [ -f "$OUT/eval-$n.json" ] || $QE eval --engine "$OUT/engine-$n" --num-samples 100 --steps 20 --seed 0 --json "$OUT/eval-$n.json"
+  [ -f "$OUT/bench-$n.json" ] || $QE bench --engine "$OUT/engine-$n" --iterations "$ITER" --json "$OUT/bench-$n.json"
+}
 for bits in w8a8 w4a8; do
   for target in onnxruntime openvino; do
-    n="$target-$bits"
-    [ -f "$OUT/ckpt-$n/quant.json" ] || $QE finetune --model digits --bits "$bits" --method ptq-timestep --target "$target" \
-      --calibration "$OUT/calib" --out "$OUT/ckpt-$n" --force
-    [ -f "$OUT/onnx-$n/manifest.json" ] || $QE export "$OUT/ckpt-$n" --target "$target" --calibration "$OUT/calib" --out "$OUT/onnx-$n" --force
-    [ -f "$OUT/engine-$n/manifest.json" ] || $QE build-engine "$OUT/onnx-$n" --backend "$target" --profile digits \
-      --calibration "$OUT/calib" --out "$OUT/engine-$n" --force
-    [ -f "$OUT/eval-$n.json" ] || $QE eval --engine "$OUT/engine-$n" --num-samples 100 --steps 20 --seed 0 --json "$OUT/eval-$n.json"
-    [ -f "$OUT/bench-$n.json" ] || $QE bench --engine "$OUT/engine-$n" --iterations "$ITER" --json "$OUT/bench-$n.json"
+    engine "$target-$bits" "$target" "$bits"
   done
+done
+# item 4: what the per-timestep scale lookups cost each backend (one timestep group: constant scales, no Gathers)
+for target in onnxruntime openvino; do
+  engine "$target-w8a8-g1" "$target" w8a8 --timestep-groups 1
 done
 for bits in w8a8 w4a8; do
   for backend in onnxruntime openvino; do
@@ -49,13 +57,13 @@ def row(model, name, b, psnr):
     print(f"| {model} | {name} | {b['latency_ms']:.1f} | {b['speedup_vs_best_fp32']:.2f}x ({b['best_fp32']}) | "
           f"{base['onnxruntime-fp32']['latency_ms']:.1f} | {base['openvino-fp32']['latency_ms']:.1f} | {bf16} | {count} | "
           f"{b['size_ratio']:.3f} | {psnr} |")
-for bits in ("w8a8", "w4a8"):
-    for target in ("onnxruntime", "openvino"):
-        n = f"{target}-{bits}"
-        b = json.loads((out / f"bench-{n}.json").read_text())
-        e = json.loads((out / f"eval-{n}.json").read_text())
-        v = json.loads((out / f"engine-{n}" / "manifest.json").read_text())["verification"]["result"]
-        row(f"digits {bits.upper()}", f"{target} INT8", b, f"{e['psnr_vs_simulation']:.1f} dB ({v['trajectory_psnr_db']:.1f} dB)")
+names = [(f"{t}-{b}", f"digits {b.upper()}", t) for b in ("w8a8", "w4a8") for t in ("onnxruntime", "openvino")]
+names += [(f"{t}-w8a8-g1", "digits W8A8, 1 timestep group", t) for t in ("onnxruntime", "openvino")]
+for n, model, target in names:
+    b = json.loads((out / f"bench-{n}.json").read_text())
+    e = json.loads((out / f"eval-{n}.json").read_text())
+    v = json.loads((out / f"engine-{n}" / "manifest.json").read_text())["verification"]["result"]
+    row(model, f"{target} INT8", b, f"{e['psnr_vs_simulation']:.1f} dB ({v['trajectory_psnr_db']:.1f} dB)")
 for bits in ("w8a8", "w4a8"):
     for backend in ("onnxruntime", "openvino"):
         b = json.loads((out / f"bench-unet-{backend}-{bits}.json").read_text())

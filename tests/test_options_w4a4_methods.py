@@ -19,6 +19,7 @@ from quest.mixed_precision import activation_sensitivity, layer_macs, select_act
 from quest.ptq import calibrate
 from quest.quantize import quantize_unet
 from quest.recipe import LayerRule, Recipe
+from quest_export.errors import UserError
 from quest_export.models.resolve import load_model
 
 
@@ -143,3 +144,8 @@ def test_w4a4_recipes_keep_their_most_sensitive_layers_at_8_bit_activations(tmp_
     assert recipe.act8_layers == 0
     recipe, _ = plan(FinetuneRequest(tmp_path / "ckpt", bits="w4a4", method="ptq-timestep"))
     assert recipe.act8_layers == 8
+    # ModelOpt's baseline has no mixed precision: refused before any model loads, with the fix
+    with pytest.raises(UserError, match="pass --act8-layers 0"):
+        plan(FinetuneRequest(tmp_path / "ckpt", bits="w4a4", method="modelopt"))
+    recipe, _ = plan(FinetuneRequest(tmp_path / "ckpt", bits="w4a4", method="modelopt", act8_layers=0))
+    assert recipe.act8_layers == 0

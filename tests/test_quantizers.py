@@ -136,16 +136,16 @@ def test_fake_quant_keeps_no_full_size_intermediates_for_backward() -> None:
 
 
 def test_fp16_graph_scales_never_reach_zero() -> None:
-    """A scale below FP16's smallest normal number (a calibration of an all-zero input, or a
-    learning-rate step past zero) would be a zero Q scale in the FP16 graph: the graph and the
-    simulation both floor it at 2^-14, and finetuning clamps the learned scale to that floor."""
+    """A scale below FP16's range (a calibration of an all-zero input, or a learning-rate step past
+    zero) would be a zero Q scale in the FP16 graph: the graph's FP16 conversion and the simulation
+    both clamp it to 1e-7, and finetuning keeps the learned scale at or above that floor."""
     from quest.finetune import StageSpec, plan_stage
-    from quest.quantizers import SCALE_FLOOR, graph_scale_table
+    from quest.quantizers import FP16_SCALE_MIN, SCALE_FLOOR, graph_scale_table
 
     tiny = torch.tensor([1e-8, 3e-3])
     s0, factors, effective = graph_scale_table(tiny, "fp16")
-    assert bool(torch.isfinite(factors).all()) and float(effective.min()) >= SCALE_FLOOR["fp16"] * (1 - 2**-10)
-    assert float(graph_scale_table(tiny[:1], "fp16")[0]) == SCALE_FLOOR["fp16"]
+    assert bool(torch.isfinite(factors).all()) and float(effective.min()) >= FP16_SCALE_MIN * (1 - 2**-10)
+    assert float(graph_scale_table(tiny[:1], "fp16")[0]) == float(torch.tensor(FP16_SCALE_MIN).half().float()) > 0
     wq = WeightQuantizer(TENSORRT.weight_spec(4), 2)
     wq.scale.data = torch.tensor([1e-9, 0.1])
     assert bool((wq.graph_scale() > 0).all())

@@ -43,7 +43,7 @@ def measure_engines(runs: dict[str, Callable[[], Any]], warmup: int, iterations:
     the machine hits all alike), and the first call of every block is not timed: after a call,
     ONNX Runtime's and OpenVINO's intra-op threads keep spinning for a while, and a call of another
     engine started in that window competes with them for the cores. Timing strictly alternating
-    calls measured both engines 1.7-1.9x slower than either runs alone (digits, 2 threads)."""
+    calls measured two engines 1.7-1.9x slower than either runs alone (digits, 2 threads)."""
     for _ in range(warmup):
         for run in runs.values():
             run()
@@ -58,20 +58,10 @@ def measure_engines(runs: dict[str, Callable[[], Any]], warmup: int, iterations:
     return {name: {"latency_ms": statistics.median(t), "latency_ms_spread": [min(t), max(t)]} for name, t in times.items()}
 
 
-def measure(quantized: Callable[[], Any], fp32: Callable[[], Any], warmup: int, iterations: int,
-            block: int = BLOCK) -> dict[str, float]:
-    """:func:`measure_engines` for one engine and one FP32 engine, as ``latency_ms`` /
-    ``fp32_latency_ms`` / ``speedup``."""
-    both = measure_engines({"q": quantized, "f": fp32}, warmup, iterations, block)
-    q, f = both["q"]["latency_ms"], both["f"]["latency_ms"]
-    return {"latency_ms": q, "fp32_latency_ms": f, "speedup": f / q,
-            "latency_ms_spread": both["q"]["latency_ms_spread"], "fp32_latency_ms_spread": both["f"]["latency_ms_spread"]}
-
-
 def op_profile(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], threads: int, calls: int = 8) -> dict[str, dict[str, float]]:
     """Where one call's time goes: ONNX Runtime's profiler, kernel time summed per op type (ms per
     call and node count) over ``calls`` calls after an uncounted warm-up call (which also absorbs
-    another session's spinning threads, see :func:`measure`). The profiler's own overhead inflates
+    another session's spinning threads, see :func:`measure_engines`). The profiler's own overhead inflates
     small ops a little; compare op types, not the total with the timed latency."""
     import json
     import os

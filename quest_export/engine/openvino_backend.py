@@ -46,6 +46,12 @@ def _openvino():
     return openvino
 
 
+def _first_line(error: Exception) -> str:
+    """OpenVINO's errors run over many lines (with C++ source paths): the first, for a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def compile_config(threads: int = 0, precision: str = "f32") -> dict[str, Any]:
     """Compile properties: one latency stream, ``threads`` intra-op threads (0: OpenVINO's
     default), float ops in ``precision`` (f32 for engines; bench also times bf16/f16 baselines)."""
@@ -74,7 +80,7 @@ def compile_onnx(onnx_path: Path, threads: int = 0, precision: str = "f32"):
     try:
         return core.compile_model(core.read_model(str(onnx_path)), DEVICE, compile_config(threads, precision))
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = _first_line(error)
         raise UserError(f"OpenVINO could not compile {onnx_path}: {first}") from None
 
 
@@ -120,7 +126,7 @@ def build_model(onnx_path: Path, out_dir: Path, threads: int = 0):
     try:
         model = core.read_model(str(onnx_path))
     except RuntimeError as error:
-        raise UserError(f"OpenVINO could not read {onnx_path}: {str(error).strip().splitlines()[0]}") from None
+        raise UserError(f"OpenVINO could not read {onnx_path}: {_first_line(error)}") from None
     ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)  # FP32 stays FP32
     compiled = compile_onnx(out_dir / MODEL_FILE, threads)
     precisions = kernel_precisions(compiled)
@@ -175,7 +181,7 @@ class OvRunner:
             self.compiled = core.compile_model(str(directory / manifest["model_file"]), DEVICE,
                                                compile_config(count, manifest.get("inference_precision", "f32")))
         except RuntimeError as error:
-            raise UserError(f"OpenVINO could not load engine {directory} ({str(error).strip().splitlines()[0]}); "
+            raise UserError(f"OpenVINO could not load engine {directory} ({_first_line(error)}); "
                             "rebuild it with quest-export build-engine --backend openvino") from None
         self.request = self.compiled.create_infer_request()
         self.output = self.compiled.outputs[0]

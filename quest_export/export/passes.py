@@ -141,6 +141,8 @@ def to_fp16(model: onnx.ModelProto, timestep_input: str = "timestep") -> onnx.Mo
     import numpy as np
     from onnxconverter_common import float16
 
+    from quest.quantizers import FP16_SCALE_MAX, FP16_SCALE_MIN
+
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
     del bare.graph.value_info[:]  # stale FP32 annotations would contradict the converted nodes
@@ -159,7 +161,9 @@ def to_fp16(model: onnx.ModelProto, timestep_input: str = "timestep") -> onnx.Mo
     del bare.graph.initializer[:]
     bare.graph.initializer.extend(kept_inits)
 
+    # the range the simulation clamps FP16 scales into (quest.quantizers, graph_scale_table)
     converted = float16.convert_float_to_float16(bare, keep_io_types=True, disable_shape_infer=True,
+                                                 min_positive_val=FP16_SCALE_MIN, max_finite_val=FP16_SCALE_MAX,
                                                  op_block_list=float16.DEFAULT_OP_BLOCK_LIST)
     # the group-index subgraph reads the FP32 timestep directly (fp16 rounds 946.6 to 946.5)
     lookup_nodes = [n for n in converted.graph.node if n.output[0] == "quest_t" or n.output[0].startswith("quest_t_")]
