@@ -85,7 +85,7 @@ def test_openvino_engine_refuses_damage_and_another_openvino_version(ov_engine: 
     manifest["backend_version"] = "2025.1.0-00000"
     manifest.pop("document_sha256", None)
     (other / "manifest.json").write_text(json.dumps(seal_document(manifest)))
-    with pytest.raises(UserError, match="compiled by OpenVINO 2025.1.0-00000.*rebuild it"):
+    with pytest.raises(UserError, match="built and verified with OpenVINO 2025.1.0-00000.*rebuild it"):
         EngineUNet.from_engine(other)
 
 

@@ -52,7 +52,8 @@ class Backend:
 
     # what ``bench`` asks of a CPU backend (its device is "cpu")
     def bench_build(self, onnx_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
-        return {**self.impl.bench_build(Path(onnx_path), Path(out_dir), threads), "backend": self.name}
+        fields = self.impl.bench_build(Path(onnx_path), Path(out_dir), threads)
+        return {**fields, "backend": self.name, "profile": {"ort": {"intra_op_threads": threads}}}  # the CPU thread setting
 
     def kernel_report(self, directory: Path, manifest: dict[str, Any], quantized_linear_ops: int) -> dict[str, Any]:
         return self.impl.kernel_report(Path(directory), manifest, quantized_linear_ops)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from quest_export.engine.cpu_runner import CpuRunner
 from quest_export.errors import UserError
 
 MODEL_FILE = "model.ort.onnx"
@@ -112,7 +113,7 @@ def bench_build(onnx_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
     """An engine of ``onnx_path`` for ``bench`` to time (not shipped: no verification, no readable
     copy); the manifest fields its runner needs."""
     fields, _ = build_model(onnx_path, out_dir, {"intra_op_threads": threads}, keep_readable=False)
-    return {**fields, "profile": {"ort": {"intra_op_threads": threads}}}
+    return fields
 
 
 def kernel_report(directory: Path, manifest: dict[str, Any], quantized_linear_ops: int) -> dict[str, Any]:
@@ -152,7 +153,7 @@ def open_runner(directory: Path, manifest: dict[str, Any], threads: int | None =
     return OrtRunner(directory, manifest, threads=threads)
 
 
-class OrtRunner:
+class OrtRunner(CpuRunner):
     """Runs a built ORT engine on numpy inputs (the optimised graph is loaded without re-optimising)."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any], provider: str | None = None, threads: int | None = None) -> None:
@@ -170,10 +171,3 @@ class OrtRunner:
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray:
         feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
         return self.session.run([self.output_name], feeds)[0]
-
-    def run(self, sample: Any, timestep: Any, encoder_hidden_states: Any) -> Any:
-        """The same call on torch tensors (what EngineUNet passes), returning a CPU tensor."""
-        import torch
-
-        arrays = (np.ascontiguousarray(x.detach().float().cpu().numpy()) for x in (sample, timestep, encoder_hidden_states))
-        return torch.from_numpy(self(*arrays))

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from quest_export.engine.cpu_runner import CpuRunner
 from quest_export.errors import UserError
 
 MODEL_FILE = "model.xml"  # OpenVINO IR; its weights are model.bin beside it
@@ -140,7 +141,7 @@ def bench_build(onnx_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
     """An engine of ``onnx_path`` for ``bench`` to time (not shipped: no verification); the manifest
     fields its runner needs."""
     fields, _ = build_model(onnx_path, out_dir, threads)
-    return {**fields, "profile": {"ort": {"intra_op_threads": threads}}}
+    return fields
 
 
 def kernel_report(directory: Path, manifest: dict[str, Any], quantized_linear_ops: int) -> dict[str, Any]:
@@ -165,14 +166,14 @@ def open_runner(directory: Path, manifest: dict[str, Any], threads: int | None =
     return OvRunner(Path(directory), manifest, threads)
 
 
-class OvRunner:
+class OvRunner(CpuRunner):
     """Runs a compiled OpenVINO engine on numpy inputs."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
         ov = _openvino()
         built_with = manifest.get("backend_version")
         if built_with != ov.__version__:
-            raise UserError(f"engine {directory} was compiled by OpenVINO {built_with}, this is OpenVINO {ov.__version__}; "
+            raise UserError(f"engine {directory} was built and verified with OpenVINO {built_with}, this is OpenVINO {ov.__version__}; "
                             "rebuild it with quest-export build-engine --backend openvino (or install that version)")
         self.provider = manifest.get("provider", f"openvino-{DEVICE}")
         count = manifest["profile"].get("ort", {}).get("intra_op_threads", 0) if threads is None else threads
@@ -189,10 +190,3 @@ class OvRunner:
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray:
         feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
         return np.array(self.request.infer(feeds)[self.output], copy=True)
-
-    def run(self, sample: Any, timestep: Any, encoder_hidden_states: Any) -> Any:
-        """The same call on torch tensors (what EngineUNet passes), returning a CPU tensor."""
-        import torch
-
-        arrays = (np.ascontiguousarray(x.detach().float().cpu().numpy()) for x in (sample, timestep, encoder_hidden_states))
-        return torch.from_numpy(self(*arrays))
