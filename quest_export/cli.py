@@ -352,21 +352,23 @@ def bench(
     iterations: Annotated[int, typer.Option("--iterations", min=1)] = 15,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the measurements JSON here.")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="Also print where the time goes (ONNX Runtime's profiler, ms per op type, both engines) and the speedup ceiling that sets.")] = False,
+    baselines: Annotated[str, typer.Option("--baselines", help="Float engines to time: all, or a comma list of onnxruntime-fp32, openvino-fp32, openvino-bf16, openvino-f16 (reduced precisions only where the CPU has them natively). Each holds its own copy of the weights: at SD1.5 size pass onnxruntime-fp32 to stay within memory.")] = "all",
 ) -> None:
     """Median latency per UNet call of a quantized engine vs the float engines of the same UNet
     (ONNX Runtime FP32, OpenVINO FP32 and native reduced precisions), measured in this run, the
     ratio to the fastest FP32 engine, and the file size ratio."""
     from quest_export.artifacts import write_json_atomic
-    from quest_export.engine.bench import bench_engine_dir, bench_unet, check_bench_request
+    from quest_export.engine.bench import bench_engine_dir, bench_unet, check_bench_request, parse_baselines
 
     check_bench_request(engine, model, bits, backend)
+    wanted = parse_baselines(baselines)
     if json_out is not None:
         json_out = cli_process.prepare_out_file(json_out)
     if model is not None:
         result = bench_unet(bits, threads, warmup, iterations, log=lambda line: typer.echo(line, err=True), profile=profile,
-                            backend=backend)
+                            backend=backend, baselines=wanted)
     else:
-        result = bench_engine_dir(engine, threads, warmup, iterations, profile=profile)
+        result = bench_engine_dir(engine, threads, warmup, iterations, profile=profile, baselines=wanted)
     cli_output.print_bench(result, str(result.get("engine") or f"bench-unet {bits}"))
     if profile and "profile" in result:
         cli_output.print_op_profile(result["profile"])

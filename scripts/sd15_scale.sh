@@ -49,7 +49,7 @@ for target in $TARGETS; do
       --calibration "$W/calib" --verify-samples 1 --out "$W/engine"
     stage generate "$W/engine.png" $QE generate --engine "$W/engine" --prompt "a watercolor painting of a lighthouse" \
       --num-images 1 --steps "$STEPS" --out "$W/engine.png"
-    stage bench "$W/bench.json" $QE bench --engine "$W/engine" --warmup 1 --iterations 5 --json "$W/bench.json"
+    stage bench "$W/bench.json" $QE bench --engine "$W/engine" --baselines onnxruntime-fp32 --warmup 1 --iterations 5 --json "$W/bench.json"
   fi
 done
 "$PY" scripts/sd15_scale_table.py "$W" | tee "$W/scale.md"

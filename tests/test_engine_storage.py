@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quest_export.engine.storage import PACKED_KEY, load_engine_model, store_engine_model, unpack_int4_initializers
@@ -110,3 +111,15 @@ def test_measure_does_not_time_the_call_that_follows_the_other_engine() -> None:
     assert q < 10.0 and f < 12.0 and g < 11.0
     assert 1.5 < f / q < 4.0 and 1.2 < g / q < 3.0
     assert all(calls[n] >= 1 + 7 for n in "qfg")
+
+
+def test_bench_baselines_are_chosen_by_name_and_onnxruntime_fp32_is_always_timed() -> None:
+    from quest_export.engine.bench import FLOAT_BASELINES, parse_baselines
+    from quest_export.errors import UserError
+
+    assert parse_baselines("all") == FLOAT_BASELINES
+    assert parse_baselines("openvino-fp32") == ("onnxruntime-fp32", "openvino-fp32")
+    assert parse_baselines(" openvino-bf16 , onnxruntime-fp32") == ("onnxruntime-fp32", "openvino-bf16")
+    for bad in ("", "tensorrt-fp16", "openvino-fp32,nope"):
+        with pytest.raises(UserError, match="--baselines"):
+            parse_baselines(bad)

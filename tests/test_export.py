@@ -200,10 +200,14 @@ def test_engine_loading_refuses_damage_and_foreign_backends(ort_engine: Path, tm
 
 def test_bench_times_the_engine_against_its_fp32_engine_and_bounds_the_speedup(run_cli, ort_engine: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    result = run_cli("bench", "--engine", ort_engine, "--iterations", "2", "--warmup", "1", "--threads", "1", "--profile", "--json", out)
+    result = run_cli("bench", "--engine", ort_engine, "--iterations", "2", "--warmup", "1", "--threads", "1", "--profile",
+                     "--baselines", "onnxruntime-fp32", "--json", out)
     assert result.returncode == 0, result.stderr
     assert "speedup ceiling" in result.stderr and "where the time goes" in result.stderr
     doc = json.loads(out.read_text())
+    assert set(doc["baselines"]) == {"onnxruntime-fp32"} and doc["fp32_engine"] == "onnxruntime-fp32"
+    kernels = doc["integer_kernels"]  # counted in the engine's stored graph
+    assert 0 < kernels["integer_kernels"] <= kernels["quantized_linear_ops"] and kernels["by_op"].get("QLinearConv", 0) > 0
     assert doc["speedup"] == pytest.approx(doc["fp32_latency_ms"] / doc["latency_ms"])
     assert 0 < doc["size_ratio"] < 0.5  # 8-bit weights against FP32 ones
     assert doc["batch"] == 20 and doc["iterations"] == 2
@@ -220,7 +224,7 @@ def test_bench_unet_is_exported_parity_checked_and_runs_every_linear_op_in_integ
     parity against the simulation, then both engines timed in one run."""
     out = tmp_path / "bench-unet.json"
     result = run_cli("bench", "--model", "bench-unet", "--bits", "w8a8", "--iterations", "1", "--warmup", "0", "--threads", "1",
-                     "--json", out)
+                     "--baselines", "onnxruntime-fp32", "--json", out)
     assert result.returncode == 0, result.stderr
     doc = json.loads(out.read_text())
     assert doc["model"] == "bench-unet" and doc["method"] == "ptq"

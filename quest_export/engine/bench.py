@@ -137,11 +137,28 @@ def fp32_engine(source: Path, directory: Path, ort_settings: dict[str, Any]) -> 
     return out / onnxruntime_backend.MODEL_FILE, graph_bytes(source)
 
 
-def float_baselines(fp32_source: Path, directory: Path, threads: int) -> dict[str, tuple[Callable[..., Any], int]]:
+FLOAT_BASELINES = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-f16")
+
+
+def parse_baselines(text: str) -> tuple[str, ...]:
+    """``--baselines``: ``all`` or a comma list of :data:`FLOAT_BASELINES` (the ONNX Runtime FP32
+    engine is always timed: it is the reference every ratio falls back to)."""
+    if text == "all":
+        return FLOAT_BASELINES
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in FLOAT_BASELINES]
+    if unknown or not names:
+        raise UserError(f"--baselines {text!r}: choose 'all' or a comma list of {', '.join(FLOAT_BASELINES)}")
+    return tuple(n for n in FLOAT_BASELINES if n in names or n == "onnxruntime-fp32")
+
+
+def float_baselines(fp32_source: Path, directory: Path, threads: int,
+                    wanted: tuple[str, ...] = FLOAT_BASELINES) -> dict[str, tuple[Callable[..., Any], int]]:
     """The float engines a CPU user could run instead, built from the FP32 graph: ONNX Runtime
     FP32 (every optimisation but quantization), OpenVINO FP32, and OpenVINO in each reduced float
     precision this CPU computes natively (bf16 on AVX512_BF16/AMX). Name -> (call on numpy
-    inputs, engine bytes); OpenVINO's entries only where it is installed."""
+    inputs, engine bytes), for the names in ``wanted`` (each holds a copy of the weights: at SD
+    size, pick fewer); OpenVINO's entries only where it is installed."""
     settings = {"intra_op_threads": threads, "memory_arena": True}
     fp32_model, _ = fp32_engine(fp32_source, directory, settings)
     options = onnxruntime_backend.session_options(threads, True, optimize=False)
@@ -154,16 +171,19 @@ def float_baselines(fp32_source: Path, directory: Path, threads: int) -> dict[st
     except UserError:
         return baselines
     for precision in ["f32", *openvino_backend.native_float_precisions()]:
+        name = "openvino-fp32" if precision == "f32" else f"openvino-{precision}"
+        if name not in wanted:
+            continue
         compiled = openvino_backend.compile_onnx(fp32_source, threads, precision)
         request = compiled.create_infer_request()
-        name = "openvino-fp32" if precision == "f32" else f"openvino-{precision}"
         baselines[name] = ((lambda feeds, request=request: request.infer(feeds)), graph_bytes(fp32_source))  # reads the FP32 graph
     return baselines
 
 
 def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: str, engine_bytes: int, fp32_source: Path,
                             feeds: dict[str, np.ndarray], threads: int, warmup: int, iterations: int,
-                            ort_engine_model: Path | None = None, profile: bool = False) -> dict[str, Any]:
+                            ort_engine_model: Path | None = None, profile: bool = False,
+                            baselines: tuple[str, ...] = FLOAT_BASELINES) -> dict[str, Any]:
     """Time the quantized engine against every float baseline (:func:`float_baselines`) in one
     run. ``speedup`` is against the FP32 engine of the engine's own backend,
     ``speedup_vs_best_fp32`` against the fastest FP32 engine, ``speedup_vs_best_float`` against the
@@ -171,8 +191,8 @@ def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: str
     each engine's time goes."""
     fp32_onnx_bytes = graph_bytes(fp32_source)
     with tempfile.TemporaryDirectory(prefix="quest-bench-") as tmp:
-        baselines = float_baselines(fp32_source, Path(tmp), threads)
-        runs = {"engine": lambda: engine_call(feeds), **{name: (lambda call=call: call(feeds)) for name, (call, _) in baselines.items()}}
+        engines = float_baselines(fp32_source, Path(tmp), threads, baselines)
+        runs = {"engine": lambda: engine_call(feeds), **{name: (lambda call=call: call(feeds)) for name, (call, _) in engines.items()}}
         timed = measure_engines(runs, warmup, iterations)
         result: dict[str, Any] = {}
         if profile and ort_engine_model is not None:
@@ -184,7 +204,7 @@ def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: str
             result["profile_note"] = f"the per-op profile reads ONNX Runtime's profiler; not available for {engine_backend} engines"
     latency = timed["engine"]["latency_ms"]
     table = {name: {"latency_ms": timed[name]["latency_ms"], "latency_ms_spread": timed[name]["latency_ms_spread"],
-                    "engine_bytes": size, "ratio": timed[name]["latency_ms"] / latency} for name, (_, size) in baselines.items()}
+                    "engine_bytes": size, "ratio": timed[name]["latency_ms"] / latency} for name, (_, size) in engines.items()}
     own = f"{engine_backend}-fp32" if f"{engine_backend}-fp32" in table else "onnxruntime-fp32"
     best_fp32 = min((n for n in table if n.endswith("-fp32")), key=lambda n: table[n]["latency_ms"])
     best_float = min(table, key=lambda n: table[n]["latency_ms"])
@@ -222,7 +242,7 @@ def _engine_call(directory: Path, manifest: dict[str, Any], threads: int) -> Cal
 
 
 def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Callable[[str], None] = print,
-               profile: bool = False, backend: str = "onnxruntime") -> dict[str, Any]:
+               profile: bool = False, backend: str = "onnxruntime", baselines: tuple[str, ...] = FLOAT_BASELINES) -> dict[str, Any]:
     """``--model bench-unet``: plain PTQ (one scale set) for ``backend``'s target on random inputs,
     export with parity check, that backend's engine, timed against every float baseline."""
     import torch
@@ -265,14 +285,16 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
         save_graph(exported.float_graph, Path(tmp) / "fp32.onnx")
         result = bench_against_baselines(_engine_call(engine_dir, manifest, threads), backend,
                                          engine_backend.model_bytes(engine_dir, manifest), Path(tmp) / "fp32.onnx", feeds,
-                                         threads, warmup, iterations, engine_backend.profiled_model(engine_dir, manifest), profile)
+                                         threads, warmup, iterations, engine_backend.profiled_model(engine_dir, manifest), profile,
+                                         baselines)
     result.update({"model": "bench-unet", "bits": bits, "backend": backend, "method": "ptq",
                    "parity_min_code_agreement": check["min_code_agreement"], "integer_kernels": kernels,
                    "total_seconds": round(time.perf_counter() - started, 1)})
     return result
 
 
-def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int, profile: bool = False) -> dict[str, Any]:
+def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int, profile: bool = False,
+                     baselines: tuple[str, ...] = FLOAT_BASELINES) -> dict[str, Any]:
     """A CPU engine directory (onnxruntime or openvino) against the float engines of its source
     checkpoint's UNet."""
     import torch
@@ -312,7 +334,8 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
         del float_graph
         result = bench_against_baselines(_engine_call(Path(directory), manifest, threads), engine_backend.name,
                                          engine_backend.model_bytes(Path(directory), manifest), Path(tmp) / "fp32.onnx", feeds,
-                                         threads, warmup, iterations, engine_backend.profiled_model(Path(directory), manifest), profile)
+                                         threads, warmup, iterations, engine_backend.profiled_model(Path(directory), manifest), profile,
+                                         baselines)
     quantized_inputs = sum(1 for info in manifest["layers"].values() if "input" in info)
     result["integer_kernels"] = engine_backend.kernel_report(Path(directory), manifest, quantized_inputs)
     result.update({"engine": str(directory), "backend": manifest["backend"], "bits": manifest["source_checkpoint"].get("bits")})
