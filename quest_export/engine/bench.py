@@ -250,7 +250,7 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
     from quest.recipe import load_recipe
     from quest_export import api
     from quest_export.engine.backends import get_backend
-    from quest_export.export.exporter import linear_kernel_count
+    from quest_export.export.manifest import layer_precision, quantized_layer_count
     from quest_export.models.bench_unet import BATCH, TOKENS, build_bench_unet, random_unet_inputs
     from quest_export.quantization import recipe_for_method
 
@@ -280,7 +280,7 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
         engine_dir = Path(tmp) / "engine"
         engine_dir.mkdir()
         manifest = engine_backend.bench_build(path, engine_dir, threads)
-        kernels = engine_backend.kernel_report(engine_dir, manifest, linear_kernel_count(exported.records))
+        kernels = engine_backend.kernel_report(engine_dir, manifest, quantized_layer_count(layer_precision(exported.records, {})))
         log(f"timing {iterations} calls each after {warmup} warm-up calls ...")
         save_graph(exported.float_graph, Path(tmp) / "fp32.onnx")
         result = bench_against_baselines(_engine_call(engine_dir, manifest, threads), backend,
@@ -303,6 +303,7 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
     from quest_export.engine.manifest import read_engine_manifest
     from quest_export.engine.profiles import BuildProfile
     from quest_export.export import passes, trace
+    from quest_export.export.manifest import quantized_layer_count
     from quest_export.quantization import load_quantized
 
     manifest = read_engine_manifest(directory)
@@ -336,8 +337,7 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
                                          engine_backend.model_bytes(Path(directory), manifest), Path(tmp) / "fp32.onnx", feeds,
                                          threads, warmup, iterations, engine_backend.profiled_model(Path(directory), manifest), profile,
                                          baselines)
-    quantized_inputs = sum(1 for info in manifest["layers"].values() if "input" in info)
-    result["integer_kernels"] = engine_backend.kernel_report(Path(directory), manifest, quantized_inputs)
+    result["integer_kernels"] = engine_backend.kernel_report(Path(directory), manifest, quantized_layer_count(manifest["layers"]))
     result.update({"engine": str(directory), "backend": manifest["backend"], "bits": manifest["source_checkpoint"].get("bits")})
     return result
 

@@ -31,6 +31,12 @@ def layer_precision(records: list[QuantizedTensor], layers: dict[str, dict[str, 
     return table
 
 
+def quantized_layer_count(layers: dict[str, dict[str, Any]]) -> int:
+    """Conv/Linear layers with a quantized input in a :func:`layer_precision` table: the ops an
+    integer kernel can take (attention matmuls, quantized on some targets, are counted apart)."""
+    return sum(1 for info in layers.values() if "input" in info)
+
+
 def build_manifest(*, checkpoint_dir: Path, checkpoint_meta: dict[str, Any], target: str, opset: int,
                    graph_files: dict[str, Path], records: list[QuantizedTensor], lookup: np.ndarray,
                    timestep_scales: str, graph_precision: str, inputs: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
