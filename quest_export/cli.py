@@ -351,7 +351,7 @@ def bench(
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
     iterations: Annotated[int, typer.Option("--iterations", min=1)] = 15,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the measurements JSON here.")] = None,
-    profile: Annotated[bool, typer.Option("--profile", help="Also print where the time goes (ONNX Runtime's profiler, ms per op type, both engines) and the speedup ceiling that sets.")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="Also print where the time goes (the engine backend's own profiler: ONNX Runtime's, or OpenVINO's performance counters; ms per op type, the engine and its backend's FP32 engine) and the speedup ceiling that sets.")] = False,
     baselines: Annotated[str, typer.Option("--baselines", help="Float engines to time: all, or a comma list of onnxruntime-fp32, openvino-fp32, openvino-bf16, openvino-f16 (reduced precisions only where the CPU has them natively). Each holds its own copy of the weights: at SD1.5 size pass onnxruntime-fp32 to stay within memory.")] = "all",
 ) -> None:
     """Median latency per UNet call of a quantized engine vs the float engines of the same UNet
@@ -373,8 +373,6 @@ def bench(
     if profile and "profile" in result:
         cli_output.print_op_profile(result["profile"])
         cli_output.print_ceiling(result["ceiling"])
-    elif "profile_note" in result:
-        console.print(f"note: {result['profile_note']}")
     if json_out is not None:
         write_json_atomic(json_out, result)
         console.print(f"wrote {json_out}")

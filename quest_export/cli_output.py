@@ -48,7 +48,7 @@ def finetune_progress(enabled: bool):
 
 
 def print_op_profile(profile: dict[str, dict[str, dict[str, float]]], rows: int = 12) -> None:
-    table = Table(title="where the time goes (ONNX Runtime profiler, ms per call by op type)")
+    table = Table(title=f"where the time goes ({profile.get('profiler', 'ONNX Runtime')} profiler, ms per call by op type)")
     for column in ("quantized op", "ms", "nodes", "FP32 op", "ms", "nodes"):
         table.add_column(column)
     quantized, fp32 = list(profile["quantized"].items()), list(profile["fp32"].items())

@@ -8,7 +8,7 @@ engine graph or None)``, ``open_runner(directory, manifest, threads)`` (an objec
 ``run(sample, timestep, encoder_hidden_states) -> tensor`` on torch tensors) and
 ``device_description()`` (what the engine's kernels depend on, recorded in the manifest and compared
 when the engine is loaded). CPU backends add what ``bench`` needs: ``bench_build``,
-``kernel_report``, ``model_bytes`` and ``profiled_model``. Modules are imported lazily: TensorRT need not be installed to use
+``kernel_report``, ``model_bytes``, ``op_profiles`` and ``op_kind``. Modules are imported lazily: TensorRT need not be installed to use
 ONNX Runtime, and OpenVINO only for its own engines.
 """
 
@@ -61,8 +61,9 @@ class Backend:
     def model_bytes(self, directory: Path, manifest: dict[str, Any]) -> int:
         return self.impl.model_bytes(Path(directory), manifest)
 
-    def profiled_model(self, directory: Path, manifest: dict[str, Any]) -> Path | None:
-        return self.impl.profiled_model(Path(directory), manifest)
+    def op_profiles(self, engine_model: Path, fp32_models: dict[str, Path], feeds: dict[str, Any], threads: int) -> dict[str, Any]:
+        """Per-op-type time of the engine and of this backend's FP32 engine, by its own profiler."""
+        return self.impl.op_profiles(Path(engine_model), fp32_models, feeds, threads)
 
 
 BACKENDS: dict[str, Backend] = {

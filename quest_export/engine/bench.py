@@ -98,10 +98,22 @@ def _per_op(events: list[dict[str, Any]], calls: int) -> dict[str, dict[str, flo
 # residual adds, reshapes) the quantized engine runs too, in float, because the simulation does.
 FLOAT_GEMM_OPS = frozenset({"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "ReorderInput", "ReorderOutput"})
 INTEGER_OPS = frozenset({"QLinearConv", "MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul"})
+ATTENTION_OPS = frozenset({"MultiHeadAttention", "Attention", "Softmax"})
 
 
-def speed_ceiling(profile: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
-    """Upper bounds on the kernel-time speedup, from one :func:`op_profile` of each engine.
+def ort_op_kind(op: str) -> str:
+    """What an ONNX Runtime profile entry is to :func:`speed_ceiling`."""
+    if op in FLOAT_GEMM_OPS:
+        return "gemm"
+    if op in INTEGER_OPS:
+        return "integer"
+    return "attention" if op in ATTENTION_OPS else "other"
+
+
+def speed_ceiling(profile: dict[str, dict[str, dict[str, float]]], op_kind: Callable[[str], str] = ort_op_kind) -> dict[str, float]:
+    """Upper bounds on the kernel-time speedup, from one op profile of each engine; ``op_kind``
+    names each entry ``gemm`` (float work quantization replaces), ``integer``, ``attention`` or
+    ``other`` (the backend's own op names: :func:`ort_op_kind`, OpenVINO's ``op_kind``).
 
     ``ceiling_free_integer`` is FP32 kernel time over the float work both engines share: the speedup if
     every integer kernel and every Q/DQ cost nothing. ``ceiling_measured_integer`` adds the integer
@@ -113,9 +125,9 @@ def speed_ceiling(profile: dict[str, dict[str, dict[str, float]]]) -> dict[str, 
         return sum(entry["ms"] for op, entry in ops.items() if keep(op))
 
     fp32_ms, quantized_ms = total(profile["fp32"]), total(profile["quantized"])
-    shared = total(profile["fp32"], lambda op: op not in FLOAT_GEMM_OPS)
-    integer = total(profile["quantized"], lambda op: op in INTEGER_OPS)
-    attention = total(profile["fp32"], lambda op: op in ("MultiHeadAttention", "Attention", "Softmax"))
+    shared = total(profile["fp32"], lambda op: op_kind(op) != "gemm")
+    integer = total(profile["quantized"], lambda op: op_kind(op) == "integer")
+    attention = total(profile["fp32"], lambda op: op_kind(op) == "attention")
     return {
         "fp32_kernel_ms": round(fp32_ms, 2),
         "quantized_kernel_ms": round(quantized_ms, 2),
@@ -180,32 +192,29 @@ def float_baselines(fp32_source: Path, directory: Path, threads: int,
     return baselines
 
 
-def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: str, engine_bytes: int, fp32_source: Path,
-                            feeds: dict[str, np.ndarray], threads: int, warmup: int, iterations: int,
-                            ort_engine_model: Path | None = None, profile: bool = False,
-                            baselines: tuple[str, ...] = FLOAT_BASELINES) -> dict[str, Any]:
+def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: Any, engine_model: Path, engine_bytes: int,
+                            fp32_source: Path, feeds: dict[str, np.ndarray], threads: int, warmup: int, iterations: int,
+                            profile: bool = False, baselines: tuple[str, ...] = FLOAT_BASELINES) -> dict[str, Any]:
     """Time the quantized engine against every float baseline (:func:`float_baselines`) in one
     run. ``speedup`` is against the FP32 engine of the engine's own backend,
     ``speedup_vs_best_fp32`` against the fastest FP32 engine, ``speedup_vs_best_float`` against the
-    fastest of all (reduced precisions included). ``--profile`` (ONNX Runtime engines) adds where
-    each engine's time goes."""
+    fastest of all (reduced precisions included). ``--profile`` adds where the engine's and its
+    backend's FP32 engine's time goes, by the backend's own profiler (``engine_backend``: a
+    :class:`~quest_export.engine.backends.Backend`), and the ceiling that sets."""
     fp32_onnx_bytes = graph_bytes(fp32_source)
     with tempfile.TemporaryDirectory(prefix="quest-bench-") as tmp:
         engines = float_baselines(fp32_source, Path(tmp), threads, baselines)
         runs = {"engine": lambda: engine_call(feeds), **{name: (lambda call=call: call(feeds)) for name, (call, _) in engines.items()}}
         timed = measure_engines(runs, warmup, iterations)
         result: dict[str, Any] = {}
-        if profile and ort_engine_model is not None:
-            fp32_model = Path(tmp) / "fp32-engine" / onnxruntime_backend.MODEL_FILE
-            q_model, f_model = storage.engine_session_source(str(ort_engine_model)), storage.engine_session_source(str(fp32_model))
-            result["profile"] = {"quantized": op_profile(q_model, feeds, threads), "fp32": op_profile(f_model, feeds, threads)}
-            result["ceiling"] = speed_ceiling(result["profile"])
-        elif profile:
-            result["profile_note"] = f"the per-op profile reads ONNX Runtime's profiler; not available for {engine_backend} engines"
+        if profile:
+            fp32_models = {"onnx": fp32_source, "onnxruntime": Path(tmp) / "fp32-engine" / onnxruntime_backend.MODEL_FILE}
+            result["profile"] = engine_backend.op_profiles(engine_model, fp32_models, feeds, threads)
+            result["ceiling"] = speed_ceiling(result["profile"], engine_backend.impl.op_kind)
     latency = timed["engine"]["latency_ms"]
     table = {name: {"latency_ms": timed[name]["latency_ms"], "latency_ms_spread": timed[name]["latency_ms_spread"],
                     "engine_bytes": size, "ratio": timed[name]["latency_ms"] / latency} for name, (_, size) in engines.items()}
-    own = f"{engine_backend}-fp32" if f"{engine_backend}-fp32" in table else "onnxruntime-fp32"
+    own = f"{engine_backend.name}-fp32" if f"{engine_backend.name}-fp32" in table else "onnxruntime-fp32"
     best_fp32 = min((n for n in table if n.endswith("-fp32")), key=lambda n: table[n]["latency_ms"])
     best_float = min(table, key=lambda n: table[n]["latency_ms"])
     result.update({
@@ -283,10 +292,9 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
         kernels = engine_backend.kernel_report(engine_dir, manifest, quantized_layer_count(layer_precision(exported.records, {})))
         log(f"timing {iterations} calls each after {warmup} warm-up calls ...")
         save_graph(exported.float_graph, Path(tmp) / "fp32.onnx")
-        result = bench_against_baselines(_engine_call(engine_dir, manifest, threads), backend,
-                                         engine_backend.model_bytes(engine_dir, manifest), Path(tmp) / "fp32.onnx", feeds,
-                                         threads, warmup, iterations, engine_backend.profiled_model(engine_dir, manifest), profile,
-                                         baselines)
+        result = bench_against_baselines(_engine_call(engine_dir, manifest, threads), engine_backend,
+                                         engine_dir / manifest["model_file"], engine_backend.model_bytes(engine_dir, manifest),
+                                         Path(tmp) / "fp32.onnx", feeds, threads, warmup, iterations, profile, baselines)
     result.update({"model": "bench-unet", "bits": bits, "backend": backend, "method": "ptq",
                    "parity_min_code_agreement": check["min_code_agreement"], "integer_kernels": kernels,
                    "total_seconds": round(time.perf_counter() - started, 1)})
@@ -333,10 +341,9 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
         del marked
         save_graph(float_graph, Path(tmp) / "fp32.onnx")
         del float_graph
-        result = bench_against_baselines(_engine_call(Path(directory), manifest, threads), engine_backend.name,
-                                         engine_backend.model_bytes(Path(directory), manifest), Path(tmp) / "fp32.onnx", feeds,
-                                         threads, warmup, iterations, engine_backend.profiled_model(Path(directory), manifest), profile,
-                                         baselines)
+        result = bench_against_baselines(_engine_call(Path(directory), manifest, threads), engine_backend,
+                                         Path(directory) / manifest["model_file"], engine_backend.model_bytes(Path(directory), manifest),
+                                         Path(tmp) / "fp32.onnx", feeds, threads, warmup, iterations, profile, baselines)
     result["integer_kernels"] = engine_backend.kernel_report(Path(directory), manifest, quantized_layer_count(manifest["layers"]))
     result.update({"engine": str(directory), "backend": manifest["backend"], "bits": manifest["source_checkpoint"].get("bits")})
     return result

@@ -130,9 +130,21 @@ def model_bytes(directory: Path, manifest: dict[str, Any]) -> int:
     return graph_bytes(Path(directory) / manifest["model_file"])
 
 
-def profiled_model(directory: Path, manifest: dict[str, Any]) -> Path | None:
-    """The model ``bench --profile`` runs under ORT's profiler: the engine's own."""
-    return Path(directory) / manifest["model_file"]
+def op_profiles(engine_model: Path, fp32_models: dict[str, Path], feeds: dict[str, Any], threads: int) -> dict[str, Any]:
+    """``bench --profile``: ORT's profiler on the engine and on the FP32 ORT engine bench built."""
+    from quest_export.engine import storage
+    from quest_export.engine.bench import op_profile
+
+    return {"profiler": "ONNX Runtime",
+            "quantized": op_profile(storage.engine_session_source(str(engine_model)), feeds, threads),
+            "fp32": op_profile(storage.engine_session_source(str(fp32_models["onnxruntime"])), feeds, threads)}
+
+
+def op_kind(op: str) -> str:
+    """What an ORT profile entry is to bench.speed_ceiling."""
+    from quest_export.engine.bench import ort_op_kind
+
+    return ort_op_kind(op)
 
 
 def piece_sessions(manifest: dict[str, Any], runner: "OrtRunner"):

@@ -151,9 +151,51 @@ def kernel_report(directory: Path, manifest: dict[str, Any], quantized_linear_op
             "kernel_precisions": manifest["kernel_precisions"]}
 
 
-def profiled_model(directory: Path, manifest: dict[str, Any]) -> Path | None:
-    """None: ``bench --profile`` reads ONNX Runtime's profiler, which cannot see inside OpenVINO."""
-    return None
+def op_profile(model_path: Path, feeds: dict[str, Any], threads: int, calls: int = 8) -> dict[str, dict[str, float]]:
+    """Where one call's time goes in the compiled model: OpenVINO's per-layer performance counters
+    (``PERF_COUNT``), real time summed per runtime layer type and precision (``"Convolution i8"``:
+    the precision read from the kernel's implementation name), ms per call over ``calls`` calls after
+    an uncounted warm-up call; most expensive first."""
+    ov = _openvino()
+    core = ov.Core()
+    config = {**compile_config(threads), "PERF_COUNT": True}
+    request = core.compile_model(core.read_model(str(model_path)), DEVICE, config).create_infer_request()
+    request.infer(feeds)
+    per_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for _ in range(calls):
+        request.infer(feeds)
+        for info in request.get_profiling_info():
+            if str(info.status).endswith("NOT_RUN"):  # fused into a neighbour
+                continue
+            entry = per_op[f"{info.node_type} {_exec_precision(info.exec_type)}"]
+            entry[0] += info.real_time.total_seconds() * 1000.0
+            entry[1] += 1
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1][0])
+    return {op: {"ms": round(total / calls, 2), "nodes": int(count // calls)} for op, (total, count) in ranked}
+
+
+def _exec_precision(exec_type: str) -> str:
+    """The precision at the end of an OpenVINO kernel name (``brgconv_avx512_amx_I8`` -> ``i8``)."""
+    tail = exec_type.rsplit("_", 1)[-1].lower() if "_" in exec_type else ""
+    return tail if tail in ("i8", "u8", "f32", "bf16", "f16", "i32", "i64") else "other"  # e.g. "undef"
+
+
+def op_profiles(engine_model: Path, fp32_models: dict[str, Path], feeds: dict[str, Any], threads: int) -> dict[str, Any]:
+    """``bench --profile``: OpenVINO's counters on the engine and on OpenVINO FP32 of the FP32 graph."""
+    return {"profiler": "OpenVINO", "quantized": op_profile(engine_model, feeds, threads),
+            "fp32": op_profile(fp32_models["onnx"], feeds, threads)}
+
+
+def op_kind(op: str) -> str:
+    """What an OpenVINO profile entry is to bench.speed_ceiling: float Convolution/FullyConnected
+    (and their Reorders) are the work quantization replaces, their i8/u8 forms the integer kernels,
+    attention runs in fused snippet Subgraphs (and Softmax)."""
+    layer, precision = op.rsplit(" ", 1)
+    if layer.startswith(("Convolution", "FullyConnected")):  # also FullyConnectedQuantizedLegacy
+        return "integer" if precision in ("i8", "u8") else "gemm"
+    if layer == "Reorder":
+        return "gemm"
+    return "attention" if layer in ("Subgraph", "Softmax", "ScaledDotProductAttention") else "other"
 
 
 def model_bytes(directory: Path, manifest: dict[str, Any]) -> int:
