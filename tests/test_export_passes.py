@@ -196,3 +196,39 @@ def test_parity_accepts_rounding_ties_and_refuses_other_code_differences() -> No
     assert not report(1, 0.2).passed                   # an input well inside a step got another code: wrong scale
     assert not report(2, 1e-6).passed                  # two steps off is never a tie
     assert report(1, 0.2, precision="fp16").passed     # FP16 graphs: bounded by the agreement share only
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "openvino", "onnxruntime"])
+def test_float_baseline_graph_keeps_attention_fusable_on_every_target(target: str) -> None:
+    """The FP32 graph bench builds its float engines from has diffusers' attention on every target,
+    so ONNX Runtime fuses every attention block (the attention-quantizing targets' explicit matmuls
+    would leave ORT FP32 unfused: bench-unet 148 vs 117 ms), and it computes what the UNet computes."""
+    from diffusers.models.attention_processor import Attention
+
+    from quest.modules import QuantAttnProcessor
+    from quest.quantize import quantize_unet
+    from quest.recipe import Recipe
+    from quest_export.engine.ort_fusions import fuse_attention
+    from quest_export.export import trace
+    from quest_export.models.digits.unet import build_digits_unet
+
+    torch.manual_seed(0)
+    unet = build_digits_unet().eval()
+    qunet = quantize_unet(unet, Recipe(weight_bits=8, act_bits=8, target=target))
+    attention = [m for m in unet.modules() if isinstance(m, Attention)]
+    processors = [type(m.processor) for m in attention]
+    inputs = trace.example_inputs(unet, batch=2)
+    graph = trace.trace_float_graph(qunet, inputs)
+    assert [type(m.processor) for m in attention] == processors  # restored
+    assert (QuantAttnProcessor in processors) == (target != "onnxruntime")
+    assert not any(n.op_type == "Mark" or n.domain == "quest" for n in graph.graph.node)
+    _, fused = fuse_attention(graph)
+    assert fused == len(attention) > 0
+    for m in unet.modules():  # the float graph is the UNet with every quantizer off
+        if hasattr(m, "enabled") and not isinstance(m, torch.nn.Sequential):
+            m.enabled = False
+    with torch.no_grad():
+        expected = unet(*inputs.as_tuple()).sample.numpy()
+    got = ort_session(graph, optimize=False).run(None, dict(zip(("sample", "timestep", "encoder_hidden_states"),
+                                                                (t.numpy() for t in inputs.as_tuple()))))[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -310,7 +310,7 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
     from quest_export.engine.backends import BACKENDS, backend_of_manifest
     from quest_export.engine.manifest import read_engine_manifest
     from quest_export.engine.profiles import BuildProfile
-    from quest_export.export import passes, trace
+    from quest_export.export import trace
     from quest_export.export.manifest import quantized_layer_count
     from quest_export.quantization import load_quantized
 
@@ -333,12 +333,10 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
         "timestep": torch.full((batch,), 500.0).numpy(),
         "encoder_hidden_states": torch.randn(batch, tokens, config["cross_attention_dim"], generator=generator).numpy(),
     }
-    marked, _ = trace.trace_marked_graph(qunet, trace.example_inputs(qunet.unet, batch=batch, tokens=tokens))
+    float_graph = trace.trace_float_graph(qunet, trace.example_inputs(qunet.unet, batch=batch, tokens=tokens))
     del qunet  # from here on only graphs on disk and the engines are held
     gc.collect()
     with tempfile.TemporaryDirectory(prefix="quest-bench-fp32-") as tmp:
-        float_graph = passes.strip_markers(marked)
-        del marked
         save_graph(float_graph, Path(tmp) / "fp32.onnx")
         del float_graph
         result = bench_against_baselines(_engine_call(Path(directory), manifest, threads), engine_backend,

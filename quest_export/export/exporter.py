@@ -114,7 +114,9 @@ def export_graphs(qunet, example: trace.ExampleInputs, inputs: parity.ParityInpu
         with _scales_of_group(qunet, group):
             marked, quantizers = trace.trace_marked_graph(qunet, example)
             if not result.float_graph_bytes:
-                float_graph = passes.strip_markers(marked)
+                # kept (bench builds the float engines from it): traced as a float engine would be;
+                # only its size kept: the quantized trace without markers is as large
+                float_graph = trace.trace_float_graph(qunet, example, marked) if keep_float_graph else passes.strip_markers(marked)
                 result.float_graph_bytes = serialized_bytes(float_graph)
                 result.float_graph = float_graph if keep_float_graph else None
                 del float_graph

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,3 +87,41 @@ def trace_marked_graph(qunet: QuantizedUNet, inputs: ExampleInputs) -> tuple[onn
             )
         model = onnx.load(str(path), load_external_data=True)
     return model, dict(marked)
+
+
+def _quantized_attention(unet: nn.Module) -> list[nn.Module]:
+    from diffusers.models.attention_processor import Attention
+
+    from quest.modules import QuantAttnProcessor
+
+    return [m for m in unet.modules() if isinstance(m, Attention) and isinstance(m.processor, QuantAttnProcessor)]
+
+
+@contextmanager
+def _float_attention(unet: nn.Module) -> Iterator[None]:
+    """Attention through diffusers' own processor (scaled_dot_product_attention) for the duration."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    swapped = [(m, m.processor) for m in _quantized_attention(unet)]
+    try:
+        for module, _ in swapped:
+            module.set_processor(AttnProcessor2_0())
+        yield
+    finally:
+        for module, processor in swapped:
+            module.set_processor(processor)
+
+
+def trace_float_graph(qunet: QuantizedUNet, inputs: ExampleInputs, marked: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """The UNet's FP32 graph, as the float engines ``bench`` compares with are built from it: no
+    quantizers, and attention as diffusers computes it. On targets that quantize attention inputs
+    the quantized processor's explicit matmuls would hide attention from ONNX Runtime's fused
+    attention kernel (bench-unet: ORT FP32 148 vs 117 ms per call), so those are traced again with
+    diffusers' processor; otherwise ``marked`` (this UNet's marked graph), when given, is reused."""
+    from quest_export.export import passes
+
+    if marked is not None and not _quantized_attention(qunet.unet):
+        return passes.strip_markers(marked)
+    with _float_attention(qunet.unet):
+        traced, _ = trace_marked_graph(qunet, inputs)
+    return passes.strip_markers(traced)
