@@ -5,8 +5,8 @@ are constants, runs the Convolution / FullyConnected / MatMul between them as on
 Build saves the model as OpenVINO IR (``model.xml`` + ``model.bin``, int8 weight codes kept as
 int8) and compiles it once to verify it and count which layers run in integer; loading compiles it
 again (seconds). The IR, not the compiled blob, is what ships: ``export_model``'s blob holds the
-weights repacked for this CPU beside float copies (digits W8A8: 5.4 MB compiled vs 1.8 MB IR, the
-FP32 ONNX being 6.8 MB). An engine belongs to the OpenVINO version that built and verified it:
+weights repacked for this CPU beside float copies (digits W8A8: 5.4 MB compiled vs 1.75 MB of IR
+weights; the IR's graph text adds 3-4 MB on digits, negligible at SD size). An engine belongs to the OpenVINO version that built and verified it:
 another version refuses it (rebuild), another CPU class re-verifies before its first call, like
 every CPU engine (runtime/engine_unet.py).
 
