@@ -141,12 +141,18 @@ def speed_ceiling(profile: dict[str, dict[str, dict[str, float]]], op_kind: Call
     }
 
 
-def fp32_engine(source: Path, directory: Path, ort_settings: dict[str, Any]) -> tuple[Path, int]:
-    """Build the ORT engine of the saved FP32 graph ``source`` (same optimisations as the quantized one)."""
-    out = directory / "fp32-engine"
+def fp32_engine(source: Path, directory: Path, ort_settings: dict[str, Any]) -> Path:
+    """Build the ORT engine of the saved FP32 graph ``source`` (same optimisations as the quantized
+    one) under ``directory``; returns its model file (:func:`fp32_engine_model`)."""
+    out = fp32_engine_model(directory).parent
     out.mkdir()
     onnxruntime_backend.build_model(source, out, ort_settings, keep_readable=False)
-    return out / onnxruntime_backend.MODEL_FILE, graph_bytes(source)
+    return fp32_engine_model(directory)
+
+
+def fp32_engine_model(directory: Path) -> Path:
+    """Where :func:`fp32_engine` puts the FP32 ORT engine's model under ``directory``."""
+    return Path(directory) / "fp32-engine" / onnxruntime_backend.MODEL_FILE
 
 
 FLOAT_BASELINES = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-f16")
@@ -172,7 +178,7 @@ def float_baselines(fp32_source: Path, directory: Path, threads: int,
     inputs, engine bytes), for the names in ``wanted`` (each holds a copy of the weights: at SD
     size, pick fewer); OpenVINO's entries only where it is installed."""
     settings = {"intra_op_threads": threads, "memory_arena": True}
-    fp32_model, _ = fp32_engine(fp32_source, directory, settings)
+    fp32_model = fp32_engine(fp32_source, directory, settings)
     options = onnxruntime_backend.session_options(threads, True, optimize=False)
     session = inference_session(storage.engine_session_source(str(fp32_model)), options, ["CPUExecutionProvider"])
     baselines: dict[str, tuple[Callable[..., Any], int]] = {"onnxruntime-fp32": (lambda feeds: session.run(None, feeds), graph_bytes(fp32_model))}
@@ -208,7 +214,7 @@ def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: Any
         timed = measure_engines(runs, warmup, iterations)
         result: dict[str, Any] = {}
         if profile:
-            fp32_models = {"onnx": fp32_source, "onnxruntime": Path(tmp) / "fp32-engine" / onnxruntime_backend.MODEL_FILE}
+            fp32_models = {"onnx": fp32_source, "onnxruntime": fp32_engine_model(Path(tmp))}
             result["profile"] = engine_backend.op_profiles(engine_model, fp32_models, feeds, threads)
             result["ceiling"] = speed_ceiling(result["profile"], engine_backend.impl.op_kind)
     latency = timed["engine"]["latency_ms"]
