@@ -310,16 +310,18 @@ def build_engine_cmd(
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the built engine against the PyTorch simulation on this host and refuse it if it computes something else.")] = True,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Calibration directory for the verification inputs [default: fresh FP trajectories].")] = None,
     verify_samples: Annotated[int, typer.Option("--verify-samples", min=1, max=256, help="Sampling trajectories in the verification.")] = 32,
+    timestep_scales: Annotated[str, typer.Option("--timestep-scales", help="When SOURCE is a checkpoint: table (one engine, per-timestep scales gathered in the graph) or per-engine (one engine per timestep group, constant scales; faster on CPU backends). An export directory keeps the form it was exported in.")] = "table",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
-    """Compile an exported Q/DQ graph into an engine directory (plan or optimised ORT model +
-    manifest.json) and verify the engine against the simulation on this host."""
+    """Compile an exported Q/DQ graph (or one per timestep group) into an engine directory (plan,
+    optimised ORT model or OpenVINO IR + manifest.json) and verify the engine against the
+    simulation on this host."""
     from quest_export.engine.build import VerifyOptions, build_engine
 
     cli_process.prepare_out_dir(out, force)
     options = VerifyOptions(enabled=verify, calibration=calibration, samples=verify_samples)
     manifest = build_engine(source, backend, out, profile=profile, force=force, verify=options,
-                            log=lambda line: typer.echo(line, err=True))
+                            timestep_scales=timestep_scales, log=lambda line: typer.echo(line, err=True))
     console.print(cli_output.built_line(manifest, out))
 
 

@@ -17,23 +17,39 @@ from conftest import _finetune, assert_one_line_error
 pytest.importorskip("openvino")
 
 
-@pytest.fixture(scope="module")
-def ov_engine(tmp_path_factory, digits_calibration: Path) -> Path:
-    """digits W4A8 ptq-timestep (2 groups) for the openvino target -> export -> OpenVINO engine."""
+def _run_cli(*args):
     import subprocess
 
+    return subprocess.run([sys.executable, "-m", "quest_export.cli", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def ov_checkpoint(tmp_path_factory, digits_calibration: Path) -> Path:
+    """digits W4A8 ptq-timestep (2 timestep groups) for the openvino target."""
+    return _finetune(_run_cli, tmp_path_factory.mktemp("openvino") / "ckpt", digits_calibration, "w4a8", "openvino",
+                     "--timestep-groups", "2")
+
+
+@pytest.fixture(scope="module")
+def ov_engine(ov_checkpoint: Path, digits_calibration: Path) -> Path:
+    """The checkpoint -> export (scale tables) -> OpenVINO engine."""
     from quest_export.engine.build import VerifyOptions, build_engine
     from quest_export.export.exporter import export_checkpoint
 
-    root = tmp_path_factory.mktemp("openvino")
-
-    def run_cli(*args):
-        return subprocess.run([sys.executable, "-m", "quest_export.cli", *map(str, args)], capture_output=True, text=True)
-
-    ckpt = _finetune(run_cli, root / "ckpt", digits_calibration, "w4a8", "openvino", "--timestep-groups", "2")
-    export_checkpoint(ckpt, "openvino", root / "onnx", calibration=digits_calibration, log=lambda _: None)
+    root = ov_checkpoint.parent
+    export_checkpoint(ov_checkpoint, "openvino", root / "onnx", calibration=digits_calibration, log=lambda _: None)
     out = root / "engine"
     build_engine(root / "onnx", "openvino", out, verify=VerifyOptions(calibration=digits_calibration), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ov_group_engine(ov_checkpoint: Path, digits_calibration: Path) -> Path:
+    """The same checkpoint built by the CLI into one OpenVINO engine per timestep group."""
+    out = ov_checkpoint.parent / "group-engine"
+    result = _run_cli("build-engine", ov_checkpoint, "--backend", "openvino", "--timestep-scales", "per-engine",
+                      "--calibration", digits_calibration, "--out", out)
+    assert result.returncode == 0, result.stderr
     return out
 
 
@@ -54,13 +70,14 @@ def test_openvino_engine_runs_every_conv_and_linear_in_integer_and_is_verified(o
     assert result["passed"] and result["trajectory_psnr_db"] >= 40.0
 
 
-def test_openvino_engine_drops_into_the_digits_pipeline(ov_engine: Path) -> None:
+@pytest.mark.parametrize("form", ["table", "per-engine"])
+def test_openvino_engine_drops_into_the_digits_pipeline(form: str, request: pytest.FixtureRequest) -> None:
     import torch
 
     from quest_export.quantization import load_quantized
     from quest_export.runtime.load import load_engine_model
 
-    loaded = load_engine_model(ov_engine)
+    loaded = load_engine_model(request.getfixturevalue("ov_engine" if form == "table" else "ov_group_engine"))
     assert loaded.pipeline.unet.device.type == "cpu"
     noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     images = loaded.pipeline([0, 1, 2, 3], num_inference_steps=6, guidance_scale=2.0, latents=noise, output_type="pt").images
@@ -91,9 +108,61 @@ def test_openvino_engine_refuses_damage_and_another_openvino_version(ov_engine: 
         EngineUNet.from_engine(other)
 
 
-def test_bench_times_the_openvino_engine_against_every_float_engine(run_cli, ov_engine: Path, tmp_path: Path) -> None:
+def _runtime_layers(xml: Path) -> "collections.Counter[str]":
+    import collections
+
+    import openvino
+
+    compiled = openvino.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return collections.Counter(op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops())
+
+
+def test_per_group_openvino_engines_have_constant_scales_and_are_verified(ov_group_engine: Path, ov_engine: Path) -> None:
+    from quest_export.export.manifest import quantized_layer_count
+
+    manifest = json.loads((ov_group_engine / "manifest.json").read_text())
+    groups = manifest["engine_groups"]
+    assert list(groups) == ["group0", "group1"] and manifest["source_export"]["timestep_scales"] == "per-engine"
+    assert {f"group{g}/model.{ext}" for g in (0, 1) for ext in ("xml", "bin")} <= set(manifest["files"])
+    quantized = quantized_layer_count(manifest["layers"])
+    assert all(entry["integer_kernels"] == quantized > 0 for entry in groups.values())
+    result = manifest["verification"]["result"]
+    assert result["passed"] and result["trajectory_psnr_db"] >= 40.0
+    # the point of per-group engines: no per-timestep scale gathers and rescaling around the kernels
+    table, group = _runtime_layers(ov_engine / "model.xml"), _runtime_layers(ov_group_engine / "group0" / "model.xml")
+    assert group["Gather"] * 10 < table["Gather"] and sum(group.values()) < 0.7 * sum(table.values())
+
+
+def test_per_group_engine_runs_every_row_on_its_groups_engine(ov_group_engine: Path) -> None:
+    import torch
+
+    from quest_export.errors import UserError
+    from quest_export.runtime.engine_unet import EngineUNet
+
+    unet = EngineUNet.from_engine(ov_group_engine, verify="never")
+    start = json.loads((ov_group_engine / "manifest.json").read_text())["timestep_grid"]["group_starts"][1]
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(4, 1, 16, 16, generator=generator)
+    cond = torch.randn(4, 4, unet.config["cross_attention_dim"], generator=generator)  # the digits profile: 4 tokens
+    timestep = torch.tensor([float(start + 10), 5.0, float(start - 1), 999.0])
+    mixed = unet(sample, timestep, cond).sample
+    for i in range(4):  # one row at a time: one engine per call
+        alone = unet(sample[i : i + 1], timestep[i : i + 1], cond[i : i + 1]).sample
+        assert torch.allclose(mixed[i : i + 1], alone, atol=1e-5), i
+    group0, group1 = (r.run(sample, torch.full((4,), t), cond) for r, t in zip(unet.runner.runners, (5.0, float(start))))
+    assert not torch.allclose(group0, group1)  # the two engines hold different scales
+    damaged = ov_group_engine.parent / "damaged-group-engine"
+    shutil.copytree(ov_group_engine, damaged)
+    with open(damaged / "group1" / "model.bin", "ab") as handle:
+        handle.write(b"x")
+    with pytest.raises(UserError, match="group1/model.bin does not match the hash"):
+        EngineUNet.from_engine(damaged)
+
+
+def test_bench_times_the_openvino_engine_against_every_float_engine(run_cli, ov_group_engine: Path, tmp_path: Path) -> None:
+    """On the per-group engine: bench's rows are one timestep, so one group engine is timed and profiled."""
     out = tmp_path / "bench.json"
-    result = run_cli("bench", "--engine", ov_engine, "--iterations", "2", "--warmup", "1", "--threads", "1", "--profile",
+    result = run_cli("bench", "--engine", ov_group_engine, "--iterations", "2", "--warmup", "1", "--threads", "1", "--profile",
                      "--baselines", "openvino-fp32", "--json", out)
     assert result.returncode == 0, result.stderr
     assert "OpenVINO profiler" in result.stderr and "speedup ceiling" in result.stderr
@@ -108,8 +177,9 @@ def test_bench_times_the_openvino_engine_against_every_float_engine(run_cli, ov_
     assert doc["speedup_vs_best_fp32"] == pytest.approx(fastest / doc["latency_ms"])
     assert doc["speedup"] == pytest.approx(doc["baselines"]["openvino-fp32"]["latency_ms"] / doc["latency_ms"])
     assert doc["integer_kernels"]["integer_kernels"] > 0
-    ir = [ov_engine / "model.xml", ov_engine / "model.bin"]
-    assert doc["engine_bytes"] == sum(p.stat().st_size for p in ir)  # what ships: graph and weights
+    assert doc["group_engines"] == 2 and doc["integer_kernels"]["per_group_integer_kernels"] == [doc["integer_kernels"]["integer_kernels"]] * 2
+    ir = [ov_group_engine / f"group{g}" / f"model.{ext}" for g in (0, 1) for ext in ("xml", "bin")]
+    assert doc["engine_bytes"] == sum(p.stat().st_size for p in ir)  # what ships: both groups' graph and weights
     assert ir[1].stat().st_size < 0.5 * doc["fp32_onnx_bytes"]  # the IR's weights keep the int8 codes
 
 

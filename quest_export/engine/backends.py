@@ -45,7 +45,13 @@ class Backend:
         return self.impl.build(Path(onnx_path), Path(out_dir), profile, unet_config)
 
     def open_runner(self, directory: Path, manifest: dict[str, Any], threads: int | None = None) -> Any:
-        return self.impl.open_runner(Path(directory), manifest, threads)
+        """The engine's runner; for a per-group engine (engine/groups.py), one runner over its groups'."""
+        from quest_export.engine import groups
+
+        if not groups.is_grouped(manifest):
+            return self.impl.open_runner(Path(directory), manifest, threads)
+        runners = [self.impl.open_runner(d, m, threads) for d, m in groups.pieces(Path(directory), manifest)]
+        return groups.GroupedRunner(runners, groups.group_lookup(manifest["timestep_grid"]))
 
     def device_description(self) -> dict[str, Any]:
         return self.impl.device_description()
@@ -56,10 +62,21 @@ class Backend:
         return {**fields, "backend": self.name, "profile": {"ort": {"intra_op_threads": threads}}}  # the CPU thread setting
 
     def kernel_report(self, directory: Path, manifest: dict[str, Any], quantized_linear_ops: int) -> dict[str, Any]:
-        return self.impl.kernel_report(Path(directory), manifest, quantized_linear_ops)
+        """How many quantized ops run as integer kernels; a per-group engine reports its first
+        group's engine and each group's count (``per_group_integer_kernels``)."""
+        from quest_export.engine import groups
+
+        reports = [self.impl.kernel_report(d, m, quantized_linear_ops) for d, m in groups.pieces(Path(directory), manifest)]
+        if len(reports) == 1:
+            return reports[0]
+        return {**reports[0], "group_engines": len(reports),
+                "per_group_integer_kernels": [r["integer_kernels"] for r in reports]}
 
     def model_bytes(self, directory: Path, manifest: dict[str, Any]) -> int:
-        return self.impl.model_bytes(Path(directory), manifest)
+        """The engine's files on disk (every group engine's, for a per-group engine)."""
+        from quest_export.engine import groups
+
+        return sum(self.impl.model_bytes(d, m) for d, m in groups.pieces(Path(directory), manifest))
 
     def op_profiles(self, engine_model: Path, fp32_models: dict[str, Path], feeds: dict[str, Any], threads: int) -> dict[str, Any]:
         """Per-op-type time of the engine and of this backend's FP32 engine, by its own profiler."""

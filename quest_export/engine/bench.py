@@ -307,12 +307,16 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
     return result
 
 
+TIMESTEP = 500.0  # the timestep of every row bench feeds an engine directory (one timestep group)
+
+
 def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int, profile: bool = False,
                      baselines: tuple[str, ...] = FLOAT_BASELINES) -> dict[str, Any]:
     """A CPU engine directory (onnxruntime or openvino) against the float engines of its source
     checkpoint's UNet."""
     import torch
 
+    from quest_export.engine import groups
     from quest_export.engine.backends import BACKENDS, backend_of_manifest
     from quest_export.engine.manifest import read_engine_manifest
     from quest_export.engine.profiles import BuildProfile
@@ -336,7 +340,7 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
     batch, size, tokens = profile_.batch.opt, profile_.latent.opt, profile_.tokens.opt
     feeds = {
         "sample": torch.randn(batch, config["in_channels"], size, size, generator=generator).numpy(),
-        "timestep": torch.full((batch,), 500.0).numpy(),
+        "timestep": torch.full((batch,), TIMESTEP).numpy(),
         "encoder_hidden_states": torch.randn(batch, tokens, config["cross_attention_dim"], generator=generator).numpy(),
     }
     float_graph = trace.trace_float_graph(qunet, trace.example_inputs(qunet.unet, batch=batch, tokens=tokens))
@@ -345,11 +349,13 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
     with tempfile.TemporaryDirectory(prefix="quest-bench-fp32-") as tmp:
         save_graph(float_graph, Path(tmp) / "fp32.onnx")
         del float_graph
+        piece_dir, piece = groups.piece_of_timestep(Path(directory), manifest, TIMESTEP)  # the engine the feeds run on
         result = bench_against_baselines(_engine_call(Path(directory), manifest, threads), engine_backend,
-                                         Path(directory) / manifest["model_file"], engine_backend.model_bytes(Path(directory), manifest),
+                                         piece_dir / piece["model_file"], engine_backend.model_bytes(Path(directory), manifest),
                                          Path(tmp) / "fp32.onnx", feeds, threads, warmup, iterations, profile, baselines)
     result["integer_kernels"] = engine_backend.kernel_report(Path(directory), manifest, quantized_layer_count(manifest["layers"]))
-    result.update({"engine": str(directory), "backend": manifest["backend"], "bits": manifest["source_checkpoint"].get("bits")})
+    result.update({"engine": str(directory), "backend": manifest["backend"], "bits": manifest["source_checkpoint"].get("bits"),
+                   "timestep": TIMESTEP, "group_engines": len(groups.pieces(Path(directory), manifest))})
     return result
 
 

@@ -15,33 +15,39 @@ from typing import Any
 
 from quest_export.artifacts import atomic_directory, seal_document, write_json_atomic
 from quest_export.engine.backends import BACKENDS, Backend, get_backend
+from quest_export.engine.groups import GROUPS_KEY, SINGLE_GRAPH, group_keys
 from quest_export.engine.manifest import FORMAT, MANIFEST, file_entries
 from quest_export.engine.profiles import BuildProfile, load_profile
 from quest_export.errors import UserError
 
 
 def read_export_manifest(directory: Path) -> dict[str, Any]:
-    """An exported ONNX directory's manifest, its graph hash checked."""
+    """An exported ONNX directory's manifest, the hash of every graph (one, or one per timestep
+    group) checked."""
     from quest_export.artifacts import check_fields, sha256_file, verify_document
+    from quest_export.engine.groups import group_keys
 
     path = Path(directory) / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{directory} is not an exported ONNX directory (no readable manifest.json); run quest-export export") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "quest-export-onnx/1" or "model" not in manifest.get("graphs", {}):
-        raise UserError(f"{path} is not a single-graph export (build-engine takes --timestep-scales table exports)")
-    check_fields(manifest, {"target": str, "graphs": {"model": {"file": str, "sha256": str}}, "unet_config": dict}, path, "re-export it")
+    if not isinstance(manifest, dict) or manifest.get("format") != "quest-export-onnx/1" or not isinstance(manifest.get("graphs"), dict):
+        raise UserError(f"{path} is not a quest-export ONNX manifest; re-export the checkpoint")
+    check_fields(manifest, {"target": str, "graphs": dict, "unet_config": dict, "timestep_grid": dict}, path, "re-export it")
+    keys = group_keys(manifest["graphs"])
+    check_fields(manifest, {"graphs": {key: {"file": str, "sha256": str} for key in keys}}, path, "re-export it")
     verify_document(manifest, path, "re-export the checkpoint (quest-export export --force)")
-    graph = manifest["graphs"]["model"]
-    file = Path(directory) / graph["file"]
-    if not file.is_file() or sha256_file(file) != graph["sha256"]:
-        raise UserError(f"{file} is missing or does not match its hash in manifest.json; re-export it")
-    data = graph.get("data")
-    if data is not None:  # the external weights of a graph past 2 GB
-        data_path = Path(directory) / str(data.get("file", ""))
-        if not data_path.is_file() or sha256_file(data_path) != data.get("sha256"):
-            raise UserError(f"{data_path} (the graph's external weights) is missing or does not match its hash in manifest.json; re-export it")
+    for key in keys:
+        graph = manifest["graphs"][key]
+        file = Path(directory) / graph["file"]
+        if not file.is_file() or sha256_file(file) != graph["sha256"]:
+            raise UserError(f"{file} is missing or does not match its hash in manifest.json; re-export it")
+        data = graph.get("data")
+        if data is not None:  # the external weights of a graph past 2 GB
+            data_path = Path(directory) / str(data.get("file", ""))
+            if not data_path.is_file() or sha256_file(data_path) != data.get("sha256"):
+                raise UserError(f"{data_path} (the graph's external weights) is missing or does not match its hash in manifest.json; re-export it")
     return manifest
 
 
@@ -60,9 +66,15 @@ class VerifyOptions:
 
 
 def build_engine(source: Path, backend: str, out: Path, *, profile: str | Path = "digits", force: bool = False,
-                 verify: VerifyOptions | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build the engine for ``backend`` from an export directory or a checkpoint, then verify it
-    against the simulation on this host (a failing engine is not written)."""
+                 verify: VerifyOptions | None = None, timestep_scales: str = "table",
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build the engine for ``backend`` from an export directory or a checkpoint (exported first,
+    with ``timestep_scales``: one engine, or one per timestep group), then verify it against the
+    simulation on this host (a failing engine is not written)."""
+    from quest_export.export.exporter import TIMESTEP_SCALES
+
+    if timestep_scales not in TIMESTEP_SCALES:
+        raise UserError(f"unknown --timestep-scales {timestep_scales!r}; choose one of: {', '.join(TIMESTEP_SCALES)}")
     engine_backend = get_backend(backend)
     verify = verify or VerifyOptions()
     build_profile = load_profile(profile)
@@ -77,9 +89,13 @@ def build_engine(source: Path, backend: str, out: Path, *, profile: str | Path =
 
             log(f"exporting {source} for {backend} first ...")
             export_dir = Path(scratch) / "onnx"
-            export_checkpoint(source, engine_backend.target, export_dir, calibration=verify.calibration, log=log)
+            export_checkpoint(source, engine_backend.target, export_dir, timestep_scales=timestep_scales,
+                              calibration=verify.calibration, log=log)
         elif (source / "manifest.json").is_file():
             export_dir = source
+            if timestep_scales != "table":
+                raise UserError(f"--timestep-scales applies when building from a checkpoint; {source} is an export, "
+                                "whose form was chosen at export time (quest-export export --timestep-scales per-engine)")
         else:
             raise UserError(f"{source} is neither a quantized checkpoint nor an exported ONNX directory")
         export = read_export_manifest(export_dir)
@@ -102,7 +118,8 @@ class _Checks:
     """A prepared verification set and what diagnosing a failure needs."""
 
     vset: Any
-    reference: Any  # the exported graph (onnx.ModelProto)
+    reference: dict[str, Any]  # the exported graph of each key ("model", or "groupN"): onnx.ModelProto
+    lookup: Any  # timestep -> group (torch.Tensor)
 
 
 def _verification_inputs(export_dir: Path, export: dict[str, Any], profile: BuildProfile, options: VerifyOptions,
@@ -112,7 +129,7 @@ def _verification_inputs(export_dir: Path, export: dict[str, Any], profile: Buil
 
     from quest_export.artifacts import sha256_file
     from quest_export.calibration_data import calibration_for_checks
-    from quest_export.engine import verify
+    from quest_export.engine import groups, verify
     from quest_export.export.parity import ort_session
     from quest_export.pipelines.denoise import unet_fn
     from quest_export.quantization import load_quantized
@@ -126,17 +143,20 @@ def _verification_inputs(export_dir: Path, export: dict[str, Any], profile: Buil
         raise UserError(f"checkpoint {checkpoint} changed since {export_dir} was exported from it; re-export it")
     model, qunet, _ = load_quantized(checkpoint)
     calib = calibration_for_checks(model, qunet, options.calibration, trajectories=options.samples)
-    reference = onnx.load(str(export_dir / export["graphs"]["model"]["file"]))
+    keys = groups.group_keys(export["graphs"])
+    reference = {key: onnx.load(str(export_dir / export["graphs"][key]["file"])) for key in keys}
+    fns = [verify.onnx_model_fn(ort_session(reference[key], optimize=False)) for key in keys]
+    reference_fn = fns[0] if len(fns) == 1 else groups.grouped_fn(fns, qunet.context.lookup.cpu())
     from quest.calibration import samples_per_call
 
     batch = max(profile.batch.min, samples_per_call(min(profile.batch.max, 32), int(calib.x[0, 0].numel())))
     log("preparing engine verification: the simulation and the reference graph on the verification inputs ...")
-    vset = verify.prepare(unet_fn(qunet.unet), verify.onnx_model_fn(ort_session(reference, optimize=False)), calib,
+    vset = verify.prepare(unet_fn(qunet.unet), reference_fn, calib,
                           qunet.context.lookup, model.pipeline.scheduler,
                           samples=options.samples, steps=options.steps, batch=batch)
     log(f"verification set: {len(vset.tensors['call_sample'])} rows covering every timestep group, "
         f"{len(vset.tensors['trajectory_noise'])} trajectories of {vset.steps} steps")
-    return _Checks(vset, reference)
+    return _Checks(vset, reference, qunet.context.lookup.cpu())
 
 
 def _verify_built(tmp: Path, manifest: dict[str, Any], checks: _Checks, readable: Any, log: Callable[[str], None]) -> dict[str, Any]:
@@ -156,8 +176,14 @@ def _verify_built(tmp: Path, manifest: dict[str, Any], checks: _Checks, readable
     result = verify.check(unet_fn(engine), checks.vset)
     where = f"the {engine.backend} engine exposes no readable graph to locate the layer"
     if readable is not None:
-        sessions = engine.engine_backend.impl.piece_sessions(manifest, engine.runner)
-        found = diagnose.check_kernels(readable, checks.reference, _kernel_feeds(checks), sessions)
+        runners = getattr(engine.runner, "runners", [engine.runner])
+        found = []
+        for group, (key, runner) in enumerate(zip(checks.reference, runners)):
+            sessions = engine.engine_backend.impl.piece_sessions(manifest, runner)
+            feeds = _kernel_feeds(checks, None if key == SINGLE_GRAPH else group)
+            checked = diagnose.check_kernels(readable[key], checks.reference[key], feeds, sessions)
+            found += checked if key == SINGLE_GRAPH else [{**f, "layer": f"{f['layer']} ({key} engine)"} for f in checked]
+        found = diagnose.worst_first(found)
         result["kernels"] = diagnose.summary(found)
         result["passed"] = result["passed"] and result["kernels"]["beyond_ties"] == 0
         where = diagnose.describe(found)
@@ -175,17 +201,23 @@ def _verify_built(tmp: Path, manifest: dict[str, Any], checks: _Checks, readable
                     "simulation, so nothing was written")
 
 
-def _kernel_feeds(checks: _Checks) -> dict[str, Any]:
+def _kernel_feeds(checks: _Checks, group: int | None = None) -> dict[str, Any]:
     """Verification rows spread over every timestep group (they are stored group by group) as
-    graph inputs for the kernel check: a kernel wrong in one group's scales is seen too."""
+    graph inputs for the kernel check: a kernel wrong in one group's scales is seen too. ``group``:
+    only that group's rows (a per-group engine's graph is checked on its own group)."""
     import numpy as np
     import torch
 
     from quest.calibration import FULL_BATCH_TOKENS
+    from quest.timesteps import groups_for
     from quest_export.engine import verify
 
-    total = len(checks.vset.tensors["call_sample"])
-    sample = checks.vset.tensors["call_sample"]
+    tensors = checks.vset.tensors
+    if group is not None:
+        keep = groups_for(checks.lookup, tensors["call_timestep"]) == group
+        tensors = {k: tensors[k][keep] for k in verify.CALL_KEYS[:3]}
+    total = len(tensors["call_sample"])
+    sample = tensors["call_sample"]
     side, rows = int(FULL_BATCH_TOKENS**0.5), KERNEL_CHECK_ROWS
     if sample[0, 0].numel() > FULL_BATCH_TOKENS:
         # every intermediate tensor of the reference graph is held for this check: on 64x64 latents
@@ -194,7 +226,7 @@ def _kernel_feeds(checks: _Checks) -> dict[str, Any]:
         top, left = (sample.shape[2] - side) // 2, (sample.shape[3] - side) // 2
         sample, rows = sample[:, :, top : top + side, left : left + side], CROPPED_KERNEL_CHECK_ROWS
     pick = torch.linspace(0, total - 1, min(total, rows)).round().long()
-    timestep, states = (checks.vset.tensors[k][pick].numpy() for k in verify.CALL_KEYS[1:3])
+    timestep, states = (tensors[k][pick].numpy() for k in verify.CALL_KEYS[1:3])
     return {"sample": np.ascontiguousarray(sample[pick].numpy()), "timestep": timestep, "encoder_hidden_states": states}
 
 
@@ -203,9 +235,13 @@ def _build_from_export(export_dir: Path, export: dict[str, Any], backend: Backen
     from quest_export.engine.host import runtime_fingerprint
 
     config = export["unet_config"]
-    onnx_path = export_dir / export["graphs"]["model"]["file"]
+    keys = group_keys(export["graphs"])
     with atomic_directory(out, force=force) as tmp:
-        fields, readable = backend.build(onnx_path, tmp, profile, config)
+        if keys == [SINGLE_GRAPH]:
+            fields, readable_graph = backend.build(export_dir / export["graphs"][SINGLE_GRAPH]["file"], tmp, profile, config)
+            readable = None if readable_graph is None else {SINGLE_GRAPH: readable_graph}
+        else:
+            fields, readable = _build_groups(export_dir, export, keys, backend, profile, tmp, log)
         for extra in ("parity.json",):
             if (export_dir / extra).is_file():
                 shutil.copy(export_dir / extra, tmp / extra)
@@ -227,10 +263,12 @@ def _build_from_export(export_dir: Path, export: dict[str, Any], backend: Backen
             "timestep_grid": export["timestep_grid"],
             "layers": export["layers"],
             "source_checkpoint": export["source_checkpoint"],
-            "source_export": {"graph_sha256": export["graphs"]["model"]["sha256"], "fp32_onnx_bytes": export["fp32_onnx_bytes"],
+            "source_export": {"graph_sha256": export["graphs"][keys[0]]["sha256"],
+                              "graph_sha256s": {key: export["graphs"][key]["sha256"] for key in keys},
+                              "timestep_scales": export.get("timestep_scales", "table"), "fp32_onnx_bytes": export["fp32_onnx_bytes"],
                               "quantized_onnx_bytes": export["quantized_onnx_bytes"], "parity_passed": export.get("parity_passed")},
             "verification": verification,
-            "files": file_entries(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file())),
+            "files": file_entries(tmp, sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())),
         }
         write_json_atomic(tmp / MANIFEST, seal_document(manifest))
         if checks is not None:
@@ -238,3 +276,21 @@ def _build_from_export(export_dir: Path, export: dict[str, Any], backend: Backen
         manifest["build_seconds"] = round(time.perf_counter() - started, 2)
         write_json_atomic(tmp / MANIFEST, seal_document(manifest))
     return manifest
+
+
+def _build_groups(export_dir: Path, export: dict[str, Any], keys: list[str], backend: Backend, profile: BuildProfile,
+                  tmp: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One backend engine per timestep group, each in its own sub-directory of ``tmp``
+    (engine/groups.py). Returns the manifest fields (the first group's backend fields, and every
+    group's under ``engine_groups``) and each group's readable engine graph (None when the backend
+    has none)."""
+    entries: dict[str, dict[str, Any]] = {}
+    readable: dict[str, Any] = {}
+    for key in keys:
+        log(f"building the {key} engine ({keys.index(key) + 1} of {len(keys)}) ...")
+        (tmp / key).mkdir()
+        fields, graph = backend.build(export_dir / export["graphs"][key]["file"], tmp / key, profile, export["unet_config"])
+        entries[key] = {"directory": key, **fields}
+        readable[key] = graph
+    shared = {k: v for k, v in entries[keys[0]].items() if k not in ("directory", "model_file")}
+    return {**shared, GROUPS_KEY: entries}, (readable if all(g is not None for g in readable.values()) else None)

@@ -147,6 +147,11 @@ def check_kernels(engine: onnx.ModelProto, reference: onnx.ModelProto, feeds: di
             if got.shape != values[target].shape or got.dtype != values[target].dtype:
                 continue
             found.append({"layer": layer_of(kernel), "op": kernel.op_type, "tensor": target, **_mismatch(got, values[target])})
+    return worst_first(found)
+
+
+def worst_first(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Kernel-check entries, those beyond rounding ties first, then by mismatch."""
     return sorted(found, key=lambda f: (f["beyond_ties"], f["mismatch"]), reverse=True)
 
 
