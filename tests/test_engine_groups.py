@@ -64,3 +64,14 @@ def test_group_keys_orders_groups_numerically_and_refuses_a_missing_group() -> N
     assert groups.group_keys({"model": {}}) == ["model"]
     with pytest.raises(UserError, match="group0..groupN"):
         groups.group_keys({"group0": {}, "group2": {}})
+
+
+def test_build_engine_refuses_a_scale_form_it_cannot_apply(run_cli, exported: dict, tmp_path) -> None:
+    """--timestep-scales is chosen when a checkpoint is exported: an export directory keeps its own."""
+    from conftest import assert_one_line_error
+
+    result = run_cli("build-engine", exported["onnxruntime"], "--timestep-scales", "per-engine", "--out", tmp_path / "e")
+    assert_one_line_error(result, contains="--timestep-scales applies when building from a checkpoint")
+    result = run_cli("build-engine", exported["onnxruntime"], "--timestep-scales", "per-group", "--out", tmp_path / "e")
+    assert_one_line_error(result, contains="unknown --timestep-scales 'per-group'; choose one of: table, per-engine")
+    assert not (tmp_path / "e").exists()

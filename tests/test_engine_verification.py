@@ -67,6 +67,34 @@ def test_build_engine_refuses_an_engine_that_computes_something_else(exported: d
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
+@pytest.mark.slow  # 10 group engines: about 100 s on 2 cores (the per-group build path runs by default in test_openvino_backend)
+def test_per_group_engines_are_each_kernel_checked_on_their_own_groups_rows(checkpoints: dict[str, Path], digits_calibration: Path,
+                                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint built into one ONNX Runtime engine per timestep group (``--timestep-scales
+    per-engine``): one weight scale changed by 5% in the last group's engine only is refused, the
+    layer and its group engine named, nothing written; the other groups' engines pass."""
+    from quest_export.engine import onnxruntime_backend
+
+    optimize, built = onnxruntime_backend.optimize, []
+
+    def tampered(*args, **kwargs):
+        model, fusions = optimize(*args, **kwargs)
+        built.append(args[0])
+        if len(built) == 10:  # the W4A4 checkpoint has 10 timestep groups: the last one's engine
+            conv = next(n for n in model.graph.node if n.op_type == "QLinearConv" and f"{LAYER}.weight" in n.input[3])
+            scale = next(i for i in model.graph.initializer if i.name == conv.input[4])
+            scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 1.05, scale.name))
+        return model, fusions
+
+    monkeypatch.setattr(onnxruntime_backend, "optimize", tampered)
+    out = tmp_path / "engine"
+    with pytest.raises(UserError, match=rf"engine verification failed on this host .*worst layer: {LAYER} \(group9 engine\) \(QLinearConv"):
+        build_engine(checkpoints["onnxruntime"], "onnxruntime", out, timestep_scales="per-engine",
+                     verify=VerifyOptions(calibration=digits_calibration), log=lambda _: None)
+    assert [Path(p).name for p in built] == [f"model.group{g}.onnx" for g in range(10)]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
 def _with_manifest(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
     path = dst / "manifest.json"

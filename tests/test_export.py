@@ -219,6 +219,7 @@ def test_bench_times_the_engine_against_its_fp32_engine_and_bounds_the_speedup(r
     assert ceiling["ceiling_free_integer"] > ceiling["ceiling_measured_integer"] > 0
 
 
+@pytest.mark.slow  # 60-130 s on 2 cores (CI budget); the same export -> engine -> bench path runs by default on digits
 def test_bench_unet_is_exported_parity_checked_and_runs_every_linear_op_in_integer(run_cli, tmp_path: Path) -> None:
     """``bench --model bench-unet`` goes through the export's own graph pipeline (export_graphs):
     parity against the simulation, then both engines timed in one run."""

@@ -131,6 +131,7 @@ def test_quest_finetune_writes_checkpoint_and_stage_log(run_cli, tmp_path: Path,
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # 30-75 s on 2 cores (CI budget); resume itself runs by default (test_sigint_mid_finetune_then_resume, test_interrupted_run_resumes_to_the_same_result)
 def test_kill_9_mid_finetune_then_resume_gives_the_same_checkpoint(run_cli, tmp_path: Path, digits_calibration: Path) -> None:
     import os
     import signal

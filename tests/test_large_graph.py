@@ -43,6 +43,7 @@ def _two_gather_graph(elements: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.mark.slow  # 90 s of 2 GB disk I/O on 2 cores (CI budget); the SD1.5-size runs (scripts/sd15_scale.sh) go through it too
 def test_graph_io_past_2gb_saves_external_data_and_opens(tmp_path: Path) -> None:
     """The default run's proof of the > 2 GB path (the full CLI chain on a wide UNet is ``slow``):
     save, size, shape inference and ONNX Runtime sessions, in memory and from disk."""

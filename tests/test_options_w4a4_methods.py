@@ -87,7 +87,8 @@ def test_recipe_refuses_bad_method_settings() -> None:
 # Both options on both targets. tensorrt's FP16 graph stores its Q/DQ scales as FP16 numbers; the
 # simulation quantizes with those (profile revision 2). Before that, smoothing's FP16 graph on this
 # tiny model fell to 0.967 code agreement (bound 0.97) on 8-bit softmax codes; now 0.985.
-@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+# the onnxruntime case is slow-only (CI budget): its FP32 graph has no FP16 bound to come near
+@pytest.mark.parametrize("target", ["tensorrt", pytest.param("onnxruntime", marks=pytest.mark.slow)])
 def test_smoothed_mixed_precision_checkpoint_exports_with_parity(run_cli, tiny_sd_dir: Path, tmp_path: Path, target: str) -> None:
     recipe = tmp_path / "w4a4-methods.yaml"
     recipe.write_text(f"target: {target}\ntimestep_groups: 2\nsmoothing_alpha: 0.5\nact8_layers: 2\n"
