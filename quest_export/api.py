@@ -143,8 +143,8 @@ class _Directory:
         if out.exists() and not force:
             raise UserError(f"{out} already exists; pass force=True to replace it")
         with atomic_directory(out, force=force) as tmp:
-            for item in self.directory.iterdir():
-                shutil.copy2(item, tmp / item.name)
+            for item in self.directory.iterdir():  # a per-group engine keeps each group's engine in a sub-directory
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         return out
 
 

@@ -86,12 +86,15 @@ def print_sensitivity(results: list[dict]) -> None:
 def print_bench(result: dict, label: str) -> None:
     """The engine and every float baseline, each with its ratio to the engine (>1: the engine is faster)."""
     table = Table(title=f"latency per UNet call (median) - {label}")
-    for column in ("engine", "ms", "engine speedup vs it", "size"):
+    for column in ("engine", "ms", "engine speedup vs it", "size", "resident memory added"):
         table.add_column(column)
-    table.add_row(f"quantized ({result.get('backend', '')})", f"{result['latency_ms']:.1f}", "", f"{result['size_ratio']:.3f}x FP32 ONNX")
+    mib = 1 << 20
+    groups = f", {result['group_engines']} group engines" if result.get("group_engines", 1) > 1 else ""
+    table.add_row(f"quantized ({result.get('backend', '')}{groups})", f"{result['latency_ms']:.1f}", "",
+                  f"{result['size_ratio']:.3f}x FP32 ONNX", f"{result['engine_resident_bytes'] / mib:.0f} MiB")
     for name, entry in result["baselines"].items():
         best = " (fastest FP32)" if name == result["best_fp32"] else ""
-        table.add_row(f"{name}{best}", f"{entry['latency_ms']:.1f}", f"{entry['ratio']:.2f}x", "")
+        table.add_row(f"{name}{best}", f"{entry['latency_ms']:.1f}", f"{entry['ratio']:.2f}x", "", f"{entry['resident_bytes'] / mib:.0f} MiB")
     console.print(table)
     kernels = result.get("integer_kernels") or {}
     if "kernel_precisions" in kernels:

@@ -151,6 +151,10 @@ def test_per_group_engine_runs_every_row_on_its_groups_engine(ov_group_engine: P
         assert torch.allclose(mixed[i : i + 1], alone, atol=1e-5), i
     group0, group1 = (r.run(sample, torch.full((4,), t), cond) for r, t in zip(unet.runner.runners, (5.0, float(start))))
     assert not torch.allclose(group0, group1)  # the two engines hold different scales
+    from quest_export import api
+
+    saved = api.Engine(ov_group_engine, unet.manifest).save(ov_group_engine.parent / "saved-group-engine", force=True)
+    assert torch.allclose(EngineUNet.from_engine(saved, verify="never")(sample, timestep, cond).sample, mixed, atol=1e-6)
     damaged = ov_group_engine.parent / "damaged-group-engine"
     shutil.copytree(ov_group_engine, damaged)
     with open(damaged / "group1" / "model.bin", "ab") as handle:
@@ -177,6 +181,8 @@ def test_bench_times_the_openvino_engine_against_every_float_engine(run_cli, ov_
     assert doc["speedup_vs_best_fp32"] == pytest.approx(fastest / doc["latency_ms"])
     assert doc["speedup"] == pytest.approx(doc["baselines"]["openvino-fp32"]["latency_ms"] / doc["latency_ms"])
     assert doc["integer_kernels"]["integer_kernels"] > 0
+    # resident memory each engine added (both group engines are open), the runtimes' libraries not counted
+    assert doc["engine_resident_bytes"] > 0 and all("resident_bytes" in b for b in doc["baselines"].values())
     assert doc["group_engines"] == 2 and doc["integer_kernels"]["per_group_integer_kernels"] == [doc["integer_kernels"]["integer_kernels"]] * 2
     ir = [ov_group_engine / f"group{g}" / f"model.{ext}" for g in (0, 1) for ext in ("xml", "bin")]
     assert doc["engine_bytes"] == sum(p.stat().st_size for p in ir)  # what ships: both groups' graph and weights

@@ -35,6 +35,53 @@ def _timed(run: Callable[[], Any]) -> float:
 BLOCK = 5
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now."""
+    import psutil
+
+    gc.collect()
+    return int(psutil.Process().memory_info().rss)
+
+
+_RUNTIMES_LOADED: list[bool] = []
+
+
+def load_runtimes() -> None:
+    """Open and run a one-node model in ONNX Runtime and (where installed) OpenVINO once, so that the
+    runtimes' own libraries and thread pools (~70 MiB for OpenVINO's CPU plugin) are not counted
+    as the first engine's memory."""
+    if _RUNTIMES_LOADED:
+        return
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    tiny = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "tiny", [x], [y]),
+                             opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": np.zeros((1, 4), np.float32)}
+    inference_session(tiny, onnxruntime_backend.session_options(1), ["CPUExecutionProvider"]).run(None, feeds)
+    try:
+        import openvino
+
+        core = openvino.Core()
+        core.compile_model(core.read_model(tiny.SerializeToString(), b""), "CPU").create_infer_request().infer(feeds)
+    except ImportError:
+        pass
+    _RUNTIMES_LOADED.append(True)
+
+
+def opened_with_memory(open_call: Callable[[], Callable[..., Any]], feeds: dict[str, np.ndarray]) -> tuple[Callable[..., Any], int]:
+    """``open_call()`` (an engine's call on feeds) and the resident memory that opening it and one
+    call on ``feeds`` added to this process: the engine's weights, prepacked kernels and buffers.
+    (An estimate: the allocator may reuse memory freed earlier, so it can read low, never high by
+    more than the feeds' outputs; the runtimes' own libraries are loaded beforehand and not counted.)"""
+    load_runtimes()
+    before = resident_bytes()
+    call = open_call()
+    call(feeds)
+    return call, max(0, resident_bytes() - before)
+
+
 def measure_engines(runs: dict[str, Callable[[], Any]], warmup: int, iterations: int,
                     block: int = BLOCK) -> dict[str, dict[str, Any]]:
     """Median milliseconds per call of each engine in ``runs``, over ``iterations`` timed calls each.
@@ -170,35 +217,44 @@ def parse_baselines(text: str) -> tuple[str, ...]:
     return tuple(n for n in FLOAT_BASELINES if n in names or n == "onnxruntime-fp32")
 
 
-def float_baselines(fp32_source: Path, directory: Path, threads: int,
-                    wanted: tuple[str, ...] = FLOAT_BASELINES) -> dict[str, tuple[Callable[..., Any], int]]:
+def float_baselines(fp32_source: Path, directory: Path, threads: int, feeds: dict[str, np.ndarray],
+                    wanted: tuple[str, ...] = FLOAT_BASELINES) -> dict[str, tuple[Callable[..., Any], int, int]]:
     """The float engines a CPU user could run instead, built from the FP32 graph: ONNX Runtime
     FP32 (every optimisation but quantization), OpenVINO FP32, and OpenVINO in each reduced float
     precision this CPU computes natively (bf16 on AVX512_BF16/AMX). Name -> (call on numpy
-    inputs, engine bytes), for the names in ``wanted`` (each holds a copy of the weights: at SD
-    size, pick fewer); OpenVINO's entries only where it is installed."""
+    inputs, engine bytes, resident memory it added: :func:`opened_with_memory`), for the names in
+    ``wanted`` (each holds a copy of the weights: at SD size, pick fewer); OpenVINO's entries only
+    where it is installed."""
     settings = {"intra_op_threads": threads, "memory_arena": True}
     fp32_model = fp32_engine(fp32_source, directory, settings)
-    options = onnxruntime_backend.session_options(threads, True, optimize=False)
-    session = inference_session(storage.engine_session_source(str(fp32_model)), options, ["CPUExecutionProvider"])
-    baselines: dict[str, tuple[Callable[..., Any], int]] = {"onnxruntime-fp32": (lambda feeds: session.run(None, feeds), graph_bytes(fp32_model))}
+
+    def ort_fp32() -> Callable[..., Any]:
+        options = onnxruntime_backend.session_options(threads, True, optimize=False)
+        session = inference_session(storage.engine_session_source(str(fp32_model)), options, ["CPUExecutionProvider"])
+        return lambda feeds: session.run(None, feeds)
+
+    baselines: dict[str, tuple[Callable[..., Any], int, int]] = {
+        "onnxruntime-fp32": (*opened_with_memory(ort_fp32, feeds), graph_bytes(fp32_model))}
     try:
         from quest_export.engine import openvino_backend
 
         openvino_backend.require()
     except UserError:
-        return baselines
+        return {name: (call, size, rss) for name, (call, rss, size) in baselines.items()}
     for precision in ["f32", *openvino_backend.native_float_precisions()]:
         name = "openvino-fp32" if precision == "f32" else f"openvino-{precision}"
         if name not in wanted:
             continue
-        compiled = openvino_backend.compile_onnx(fp32_source, threads, precision)
-        request = compiled.create_infer_request()
-        baselines[name] = ((lambda feeds, request=request: request.infer(feeds)), graph_bytes(fp32_source))  # reads the FP32 graph
-    return baselines
+
+        def openvino_call(precision: str = precision) -> Callable[..., Any]:
+            request = openvino_backend.compile_onnx(fp32_source, threads, precision).create_infer_request()
+            return lambda feeds: request.infer(feeds)
+
+        baselines[name] = (*opened_with_memory(openvino_call, feeds), graph_bytes(fp32_source))  # reads the FP32 graph
+    return {name: (call, size, rss) for name, (call, rss, size) in baselines.items()}
 
 
-def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: Any, engine_model: Path, engine_bytes: int,
+def bench_against_baselines(engine: tuple[Callable[..., Any], int], engine_backend: Any, engine_model: Path, engine_bytes: int,
                             fp32_source: Path, feeds: dict[str, np.ndarray], threads: int, warmup: int, iterations: int,
                             profile: bool = False, baselines: tuple[str, ...] = FLOAT_BASELINES) -> dict[str, Any]:
     """Time the quantized engine against every float baseline (:func:`float_baselines`) in one
@@ -206,11 +262,13 @@ def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: Any
     ``speedup_vs_best_fp32`` against the fastest FP32 engine, ``speedup_vs_best_float`` against the
     fastest of all (reduced precisions included). ``--profile`` adds where the engine's and its
     backend's FP32 engine's time goes, by the backend's own profiler (``engine_backend``: a
-    :class:`~quest_export.engine.backends.Backend`), and the ceiling that sets."""
+    :class:`~quest_export.engine.backends.Backend`), and the ceiling that sets. ``engine``: the
+    engine's call and the resident memory it added (:func:`opened_with_memory`)."""
+    engine_call, engine_rss = engine
     fp32_onnx_bytes = graph_bytes(fp32_source)
     with tempfile.TemporaryDirectory(prefix="quest-bench-") as tmp:
-        engines = float_baselines(fp32_source, Path(tmp), threads, baselines)
-        runs = {"engine": lambda: engine_call(feeds), **{name: (lambda call=call: call(feeds)) for name, (call, _) in engines.items()}}
+        engines = float_baselines(fp32_source, Path(tmp), threads, feeds, baselines)
+        runs = {"engine": lambda: engine_call(feeds), **{name: (lambda call=call: call(feeds)) for name, (call, _, _) in engines.items()}}
         timed = measure_engines(runs, warmup, iterations)
         result: dict[str, Any] = {}
         if profile:
@@ -219,7 +277,8 @@ def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: Any
             result["ceiling"] = speed_ceiling(result["profile"], engine_backend.impl.op_kind)
     latency = timed["engine"]["latency_ms"]
     table = {name: {"latency_ms": timed[name]["latency_ms"], "latency_ms_spread": timed[name]["latency_ms_spread"],
-                    "engine_bytes": size, "ratio": timed[name]["latency_ms"] / latency} for name, (_, size) in engines.items()}
+                    "engine_bytes": size, "resident_bytes": rss, "ratio": timed[name]["latency_ms"] / latency}
+             for name, (_, size, rss) in engines.items()}
     own = f"{engine_backend.name}-fp32" if f"{engine_backend.name}-fp32" in table else "onnxruntime-fp32"
     best_fp32 = min((n for n in table if n.endswith("-fp32")), key=lambda n: table[n]["latency_ms"])
     best_float = min(table, key=lambda n: table[n]["latency_ms"])
@@ -236,6 +295,8 @@ def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: Any
         "best_float": best_float,
         "speedup_vs_best_float": table[best_float]["latency_ms"] / latency,
         "engine_bytes": engine_bytes,
+        "engine_resident_bytes": engine_rss,
+        "fp32_resident_bytes": table[own]["resident_bytes"],
         "fp32_onnx_bytes": fp32_onnx_bytes,
         "fp32_engine_bytes": table[own]["engine_bytes"],
         "size_ratio": engine_bytes / fp32_onnx_bytes,
@@ -248,12 +309,17 @@ def bench_against_baselines(engine_call: Callable[..., Any], engine_backend: Any
     return result
 
 
-def _engine_call(directory: Path, manifest: dict[str, Any], threads: int) -> Callable[[dict[str, np.ndarray]], Any]:
-    """The built engine in ``directory`` as bench calls it: numpy feeds in, the backend's own runner."""
+def open_engine(directory: Path, manifest: dict[str, Any], threads: int,
+                 feeds: dict[str, np.ndarray]) -> tuple[Callable[[dict[str, np.ndarray]], Any], int]:
+    """The built engine in ``directory`` as bench calls it (numpy feeds in, the backend's own
+    runner; every group engine of a per-group engine), and the resident memory it added."""
     from quest_export.engine.backends import backend_of_manifest
 
-    runner = backend_of_manifest(manifest).open_runner(directory, manifest, threads)
-    return lambda feeds: runner(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
+    def open_call() -> Callable[[dict[str, np.ndarray]], Any]:
+        runner = backend_of_manifest(manifest).open_runner(directory, manifest, threads)
+        return lambda feeds: runner(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
+
+    return opened_with_memory(open_call, feeds)
 
 
 def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Callable[[str], None] = print,
@@ -298,7 +364,7 @@ def bench_unet(bits: str, threads: int, warmup: int, iterations: int, log: Calla
         kernels = engine_backend.kernel_report(engine_dir, manifest, quantized_layer_count(layer_precision(exported.records, {})))
         log(f"timing {iterations} calls each after {warmup} warm-up calls ...")
         save_graph(exported.float_graph, Path(tmp) / "fp32.onnx")
-        result = bench_against_baselines(_engine_call(engine_dir, manifest, threads), engine_backend,
+        result = bench_against_baselines(open_engine(engine_dir, manifest, threads, feeds), engine_backend,
                                          engine_dir / manifest["model_file"], engine_backend.model_bytes(engine_dir, manifest),
                                          Path(tmp) / "fp32.onnx", feeds, threads, warmup, iterations, profile, baselines)
     result.update({"model": "bench-unet", "bits": bits, "backend": backend, "method": "ptq",
@@ -350,7 +416,7 @@ def bench_engine_dir(directory: Path, threads: int, warmup: int, iterations: int
         save_graph(float_graph, Path(tmp) / "fp32.onnx")
         del float_graph
         piece_dir, piece = groups.piece_of_timestep(Path(directory), manifest, TIMESTEP)  # the engine the feeds run on
-        result = bench_against_baselines(_engine_call(Path(directory), manifest, threads), engine_backend,
+        result = bench_against_baselines(open_engine(Path(directory), manifest, threads, feeds), engine_backend,
                                          piece_dir / piece["model_file"], engine_backend.model_bytes(Path(directory), manifest),
                                          Path(tmp) / "fp32.onnx", feeds, threads, warmup, iterations, profile, baselines)
     result["integer_kernels"] = engine_backend.kernel_report(Path(directory), manifest, quantized_layer_count(manifest["layers"]))
