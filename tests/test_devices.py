@@ -48,6 +48,7 @@ def test_a_gpu_index_past_the_last_is_refused() -> None:
         resolve_device(f"cuda:{torch.cuda.device_count()}")
 
 
+@pytest.mark.slow  # ~30 s (CI budget); --device resolution and refusals are tested by default in this file
 def test_explicit_cpu_through_finetune_and_eval(run_cli, tmp_path: Path, digits_calibration: Path) -> None:
     recipe = _small_recipe(tmp_path / "r.yaml", "digits-w4a8.yaml", steps=2)
     ckpt = tmp_path / "quest"

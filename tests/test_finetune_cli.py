@@ -43,6 +43,7 @@ def test_finetune_methods_write_checkpoints_that_eval_reads(run_cli, tmp_path: P
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow  # ~35 s (CI budget); the tiny SD finetune runs by default in test_quest_finetune_with_the_sd15_recipe_on_the_tiny_sd_fixture
 def test_finetune_and_eval_on_tiny_sd(run_cli, tmp_path: Path, tiny_sd_dir: Path) -> None:
     calib = tmp_path / "calib"
     result = run_cli("calibrate", "--model", tiny_sd_dir, "--trajectories", "2", "--steps", "3", "--out", calib)

@@ -66,6 +66,7 @@ def test_cli_refuses_option_misuse(run_cli, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("finetune", "--method", "ptq", "--loss", "blockwise", "--out", tmp_path / "ckpt"), contains="--loss applies only")
 
 
+@pytest.mark.slow  # ~30 s (CI budget); each option runs by default through the CLI in its own test file
 def test_cli_runs_all_options_together(run_cli, tmp_path: Path) -> None:
     """Tiny sizes: a selected calibration set, searched groups, dilation and block-wise distillation."""
     calib = tmp_path / "calib"
