@@ -233,14 +233,14 @@ def float_baselines(fp32_source: Path, directory: Path, threads: int, feeds: dic
         session = inference_session(storage.engine_session_source(str(fp32_model)), options, ["CPUExecutionProvider"])
         return lambda feeds: session.run(None, feeds)
 
-    baselines: dict[str, tuple[Callable[..., Any], int, int]] = {
-        "onnxruntime-fp32": (*opened_with_memory(ort_fp32, feeds), graph_bytes(fp32_model))}
+    call, resident = opened_with_memory(ort_fp32, feeds)
+    baselines: dict[str, tuple[Callable[..., Any], int, int]] = {"onnxruntime-fp32": (call, graph_bytes(fp32_model), resident)}
     try:
         from quest_export.engine import openvino_backend
 
         openvino_backend.require()
     except UserError:
-        return {name: (call, size, rss) for name, (call, rss, size) in baselines.items()}
+        return baselines
     for precision in ["f32", *openvino_backend.native_float_precisions()]:
         name = "openvino-fp32" if precision == "f32" else f"openvino-{precision}"
         if name not in wanted:
@@ -250,8 +250,9 @@ def float_baselines(fp32_source: Path, directory: Path, threads: int, feeds: dic
             request = openvino_backend.compile_onnx(fp32_source, threads, precision).create_infer_request()
             return lambda feeds: request.infer(feeds)
 
-        baselines[name] = (*opened_with_memory(openvino_call, feeds), graph_bytes(fp32_source))  # reads the FP32 graph
-    return {name: (call, size, rss) for name, (call, rss, size) in baselines.items()}
+        call, resident = opened_with_memory(openvino_call, feeds)
+        baselines[name] = (call, graph_bytes(fp32_source), resident)  # reads the FP32 graph
+    return baselines
 
 
 def bench_against_baselines(engine: tuple[Callable[..., Any], int], engine_backend: Any, engine_model: Path, engine_bytes: int,

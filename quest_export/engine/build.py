@@ -25,7 +25,6 @@ def read_export_manifest(directory: Path) -> dict[str, Any]:
     """An exported ONNX directory's manifest, the hash of every graph (one, or one per timestep
     group) checked."""
     from quest_export.artifacts import check_fields, sha256_file, verify_document
-    from quest_export.engine.groups import group_keys
 
     path = Path(directory) / "manifest.json"
     try:
@@ -71,10 +70,9 @@ def build_engine(source: Path, backend: str, out: Path, *, profile: str | Path =
     """Build the engine for ``backend`` from an export directory or a checkpoint (exported first,
     with ``timestep_scales``: one engine, or one per timestep group), then verify it against the
     simulation on this host (a failing engine is not written)."""
-    from quest_export.export.exporter import TIMESTEP_SCALES
+    from quest_export.export.exporter import check_timestep_scales
 
-    if timestep_scales not in TIMESTEP_SCALES:
-        raise UserError(f"unknown --timestep-scales {timestep_scales!r}; choose one of: {', '.join(TIMESTEP_SCALES)}")
+    check_timestep_scales(timestep_scales)
     engine_backend = get_backend(backend)
     verify = verify or VerifyOptions()
     build_profile = load_profile(profile)
@@ -143,7 +141,7 @@ def _verification_inputs(export_dir: Path, export: dict[str, Any], profile: Buil
         raise UserError(f"checkpoint {checkpoint} changed since {export_dir} was exported from it; re-export it")
     model, qunet, _ = load_quantized(checkpoint)
     calib = calibration_for_checks(model, qunet, options.calibration, trajectories=options.samples)
-    keys = groups.group_keys(export["graphs"])
+    keys = group_keys(export["graphs"])
     reference = {key: onnx.load(str(export_dir / export["graphs"][key]["file"])) for key in keys}
     fns = [verify.onnx_model_fn(ort_session(reference[key], optimize=False)) for key in keys]
     reference_fn = fns[0] if len(fns) == 1 else groups.grouped_fn(fns, qunet.context.lookup.cpu())

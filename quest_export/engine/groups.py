@@ -86,7 +86,7 @@ def dispatch(calls: Sequence[Callable[..., Any]], lookup: torch.Tensor, sample: 
     group (every pipeline step) is one call, with no copy."""
     from quest.timesteps import groups_for
 
-    groups = groups_for(lookup, torch.as_tensor(np.asarray(timestep) if not torch.is_tensor(timestep) else timestep))
+    groups = groups_for(lookup, torch.as_tensor(timestep))
     present = torch.unique(groups).tolist()
     if len(present) == 1:
         return calls[present[0]](sample, timestep, states)

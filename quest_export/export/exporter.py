@@ -38,6 +38,12 @@ class ExportResult:
     parity: dict[str, Any] | None
 
 
+def check_timestep_scales(timestep_scales: str) -> None:
+    """``--timestep-scales``: one of :data:`TIMESTEP_SCALES`, else one line naming them."""
+    if timestep_scales not in TIMESTEP_SCALES:
+        raise UserError(f"unknown --timestep-scales {timestep_scales!r}; choose one of: {', '.join(TIMESTEP_SCALES)}")
+
+
 def check_target(checkpoint_target: str, target: str) -> None:
     """A checkpoint runs only on the arithmetic it was finetuned for: refuse, never convert."""
     from quest.profiles import PROFILES
@@ -102,8 +108,7 @@ def export_graphs(qunet, example: trace.ExampleInputs, inputs: parity.ParityInpu
     """trace -> Q/DQ + timestep tables -> fold -> [FP16] -> lint -> parity, for a quantized UNet in
     memory. ``inputs`` None skips parity; ``check_optimized`` defaults to the profile's own rule.
     ``keep_float_graph`` False keeps only the FP32 graph's size (3.4 GB less held for SD1.5)."""
-    if timestep_scales not in TIMESTEP_SCALES:
-        raise UserError(f"unknown --timestep-scales {timestep_scales!r}; choose one of: {', '.join(TIMESTEP_SCALES)}")
+    check_timestep_scales(timestep_scales)
     profile = qunet.profile
     lookup = qunet.context.lookup.cpu().numpy()
     optimized = profile.fused_kernel_checks if check_optimized is None else check_optimized
@@ -168,8 +173,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, timestep_scal
     manifest and parity report into ``out`` atomically (nothing is left when parity fails)."""
     from quest_export.quantization import load_quantized
 
-    if timestep_scales not in TIMESTEP_SCALES:
-        raise UserError(f"unknown --timestep-scales {timestep_scales!r}; choose one of: {', '.join(TIMESTEP_SCALES)}")
+    check_timestep_scales(timestep_scales)
     started = time.perf_counter()
     model, qunet, meta = load_quantized(Path(checkpoint))
     check_target(meta["target"], target)
